@@ -1,0 +1,1 @@
+"""MMAudio inference: our implementation of every stage of the official pipeline."""
