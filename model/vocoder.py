@@ -1,0 +1,280 @@
+"""BigVGAN vocoders: log-mel (B, n_mels, T) -> waveform (B, 1, T * hop) in [-1, 1].
+
+Two official generators share this architecture: BigVGAN v1 as trained by MMAudio for 16 kHz
+(``best_netG.pt``, tanh output) and NVIDIA's BigVGAN v2 ``bigvgan_v2_44khz_128band_512x``
+(``bigvgan_generator.pt``, bias-free last conv, clamped output).  Both store weight-normed convs
+(W = g v / ||v||) under the ``{'generator': state_dict}`` key; modules are built with torch's
+weight-norm parametrization so those keys load as they are, and g, v are folded into plain weights
+right after loading.  Parameter names are those of the official files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
+
+from model.checkpoint import load_checked, read_state_dict
+from model.sequence import AUDIO_16K, AUDIO_44K
+
+# Anti-aliasing around every activation: x2 upsampling, activation, x2 downsampling, both with one
+# Kaiser-windowed sinc low-pass (cutoff and transition half-width in cycles per sample at the x2 rate).
+RESAMPLE_TAPS = 12
+LOWPASS_CUTOFF = 0.25
+LOWPASS_HALF_WIDTH = 0.3
+UPSAMPLE_PAD = RESAMPLE_TAPS // 2 - 1  # replicate padding (input samples) so the edges get full support
+UPSAMPLE_CROP = 2 * UPSAMPLE_PAD + (RESAMPLE_TAPS - 2) // 2  # per side, brings the length back to 2 T
+DOWNSAMPLE_PAD = (RESAMPLE_TAPS // 2 - 1, RESAMPLE_TAPS // 2)  # even taps: the filter centre is off by half
+SNAKE_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class VocoderConfig:
+    n_mels: int
+    sampling_rate: int
+    upsample_rates: tuple[int, ...]
+    upsample_kernel_sizes: tuple[int, ...]
+    initial_channels: int = 1536  # halved by every upsampling stage
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilations: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    io_kernel_size: int = 7  # conv_pre and conv_post
+    final_bias: bool = True
+    final_tanh: bool = True  # False: clamp to [-1, 1] instead
+
+    @property
+    def hop(self) -> int:
+        """Waveform samples per mel frame."""
+        return math.prod(self.upsample_rates)
+
+    def channels(self, stage: int) -> int:
+        """Channels after upsampling stage ``stage``."""
+        return self.initial_channels // 2 ** (stage + 1)
+
+    def tiny(self) -> VocoderConfig:
+        """Narrow copy with the same upsampling (same hop and sampling rate) for the offline preset and tests."""
+        return replace(self, initial_channels=4 * 2 ** len(self.upsample_rates))
+
+    @classmethod
+    def from_bigvgan_json(cls, h: Mapping[str, Any]) -> VocoderConfig:
+        """From an official BigVGAN hyper-parameter file (``config.json`` of the v2 releases).
+
+        A file without ``use_bias_at_final`` / ``use_tanh_at_final`` means True (the v1 behaviour), as officially.
+        """
+        unsupported = {
+            "resblock": (h.get("resblock"), "1"),
+            "activation": (h.get("activation"), "snakebeta"),
+            "snake_logscale": (h.get("snake_logscale"), True),
+        }
+        wrong = [f"{k}={got!r} (want {want!r})" for k, (got, want) in unsupported.items() if got != want]
+        if wrong:
+            raise ValueError("unsupported BigVGAN config: " + ", ".join(wrong))
+        return cls(
+            n_mels=h["num_mels"],
+            sampling_rate=h["sampling_rate"],
+            upsample_rates=tuple(h["upsample_rates"]),
+            upsample_kernel_sizes=tuple(h["upsample_kernel_sizes"]),
+            initial_channels=h["upsample_initial_channel"],
+            resblock_kernel_sizes=tuple(h["resblock_kernel_sizes"]),
+            resblock_dilations=tuple(tuple(d) for d in h["resblock_dilation_sizes"]),
+            final_bias=h.get("use_bias_at_final", True),
+            final_tanh=h.get("use_tanh_at_final", True),
+        )
+
+
+BIGVGAN_16K = VocoderConfig(
+    n_mels=AUDIO_16K.n_mels,
+    sampling_rate=AUDIO_16K.sampling_rate,
+    upsample_rates=(4, 4, 2, 2, 2, 2),
+    upsample_kernel_sizes=(8, 8, 4, 4, 4, 4),
+)
+BIGVGAN_V2_44K = VocoderConfig(
+    n_mels=AUDIO_44K.n_mels,
+    sampling_rate=AUDIO_44K.sampling_rate,
+    upsample_rates=(8, 4, 2, 2, 2, 2),
+    upsample_kernel_sizes=(16, 8, 4, 4, 4, 4),
+    final_bias=False,
+    final_tanh=False,
+)
+VOCODER_CONFIGS = {AUDIO_16K.name: BIGVGAN_16K, AUDIO_44K.name: BIGVGAN_V2_44K}
+assert BIGVGAN_16K.hop == AUDIO_16K.hop and BIGVGAN_V2_44K.hop == AUDIO_44K.hop
+
+
+def kaiser_beta(attenuation_db: float) -> float:
+    """Kaiser's empirical window shape for a given stopband attenuation."""
+    if attenuation_db > 50:
+        return 0.1102 * (attenuation_db - 8.7)
+    if attenuation_db >= 21:
+        return 0.5842 * (attenuation_db - 21) ** 0.4 + 0.07886 * (attenuation_db - 21)
+    return 0.0
+
+
+def lowpass_taps() -> torch.Tensor:
+    """The (1, 1, RESAMPLE_TAPS) Kaiser-sinc low-pass, summing to 1 (computed in float32, like the reference)."""
+    half = RESAMPLE_TAPS // 2
+    attenuation = 2.285 * (half - 1) * math.pi * 4 * LOWPASS_HALF_WIDTH + 7.95
+    window = torch.kaiser_window(RESAMPLE_TAPS, periodic=False, beta=kaiser_beta(attenuation))
+    time = torch.arange(-half, half) + 0.5  # even length: taps sit half-way between samples
+    taps = 2 * LOWPASS_CUTOFF * window * torch.sinc(2 * LOWPASS_CUTOFF * time)
+    return (taps / taps.sum()).view(1, 1, RESAMPLE_TAPS)
+
+
+class Upsample2x(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("filter", lowpass_taps())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        x = F.pad(x, (UPSAMPLE_PAD, UPSAMPLE_PAD), mode="replicate")
+        # zero-stuffing halves the energy per sample: the gain of 2 restores it
+        x = 2 * F.conv_transpose1d(x, self.filter.expand(channels, -1, -1), stride=2, groups=channels)
+        return x[..., UPSAMPLE_CROP:-UPSAMPLE_CROP]
+
+
+class LowPass2x(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("filter", lowpass_taps())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        x = F.pad(x, DOWNSAMPLE_PAD, mode="replicate")
+        return F.conv1d(x, self.filter.expand(channels, -1, -1), stride=2, groups=channels)
+
+
+class Downsample2x(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lowpass = LowPass2x()  # the extra level gives the official key name downsample.lowpass.filter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lowpass(x)
+
+
+class SnakeBeta(nn.Module):
+    """x + sin^2(a x) / b per channel, with a = exp(alpha), b = exp(beta) (log-scale parameters)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.empty(channels))
+        self.beta = nn.Parameter(torch.empty(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frequency = self.alpha.exp()[:, None]
+        magnitude = self.beta.exp()[:, None]
+        return x + 1.0 / (magnitude + SNAKE_EPS) * torch.sin(x * frequency).pow(2)
+
+
+class AntiAliasedSnakeBeta(nn.Module):
+    """SnakeBeta evaluated at twice the sample rate so its harmonics above Nyquist are filtered out."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.act = SnakeBeta(channels)
+        self.upsample = Upsample2x()
+        self.downsample = Downsample2x()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsample(self.act(self.upsample(x)))
+
+
+class AMPBlock(nn.Module):
+    """Residual block: per dilation, x += conv2(act(conv1_dilated(act(x))))."""
+
+    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]) -> None:
+        super().__init__()
+        self.convs1 = nn.ModuleList(
+            weight_norm(nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=d * (kernel_size - 1) // 2))
+            for d in dilations
+        )
+        self.convs2 = nn.ModuleList(
+            weight_norm(nn.Conv1d(channels, channels, kernel_size, padding=(kernel_size - 1) // 2)) for _ in dilations
+        )
+        # one activation before each conv: activations[2i] feeds convs1[i], activations[2i + 1] feeds convs2[i]
+        self.activations = nn.ModuleList(AntiAliasedSnakeBeta(channels) for _ in range(2 * len(dilations)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, (conv1, conv2) in enumerate(zip(self.convs1, self.convs2, strict=True)):
+            h = conv1(self.activations[2 * i](x))
+            x = x + conv2(self.activations[2 * i + 1](h))
+        return x
+
+
+LEGACY_WEIGHT_NORM_SUFFIXES = {
+    ".weight_g": ".parametrizations.weight.original0",
+    ".weight_v": ".parametrizations.weight.original1",
+}
+
+
+def with_parametrization_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename legacy ``torch.nn.utils.weight_norm`` keys (weight_g / weight_v) to the parametrization ones."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for legacy, current in LEGACY_WEIGHT_NORM_SUFFIXES.items():
+            if key.endswith(legacy):
+                key = key.removesuffix(legacy) + current
+                break
+        renamed[key] = value
+    return renamed
+
+
+class BigVGAN(nn.Module):
+    def __init__(self, config: VocoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        k = config.io_kernel_size
+        self.conv_pre = weight_norm(nn.Conv1d(config.n_mels, config.initial_channels, k, padding=k // 2))
+        # each stage sits in a one-element list: the official key layout is ups.<stage>.0.*
+        self.ups = nn.ModuleList()
+        self.resblocks = nn.ModuleList()
+        in_channels = config.initial_channels
+        for stage, (rate, kernel) in enumerate(zip(config.upsample_rates, config.upsample_kernel_sizes, strict=True)):
+            out_channels = config.channels(stage)
+            upsample = nn.ConvTranspose1d(in_channels, out_channels, kernel, rate, padding=(kernel - rate) // 2)
+            self.ups.append(nn.ModuleList([weight_norm(upsample)]))
+            self.resblocks.extend(
+                AMPBlock(out_channels, kernel_size, dilations)
+                for kernel_size, dilations in zip(config.resblock_kernel_sizes, config.resblock_dilations, strict=True)
+            )
+            in_channels = out_channels
+        self.activation_post = AntiAliasedSnakeBeta(in_channels)
+        self.conv_post = weight_norm(nn.Conv1d(in_channels, 1, k, padding=k // 2, bias=config.final_bias))
+
+    def load_official(self, state_dict: Mapping[str, torch.Tensor], source: str = "vocoder checkpoint") -> None:
+        """Strictly load a generator state dict (either weight-norm naming) into a fresh module, then fold g, v.
+
+        Load into a float32 module and cast afterwards: the reference folds the weights in float32.
+        """
+        load_checked(self, with_parametrization_names(state_dict), source)
+        for module in list(self.modules()):
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight")
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, T) -> (B, 1, T * hop)."""
+        x = self.conv_pre(mel)
+        blocks_per_stage = len(self.config.resblock_kernel_sizes)
+        for stage, (upsample,) in enumerate(self.ups):
+            x = upsample(x)
+            blocks = self.resblocks[stage * blocks_per_stage : (stage + 1) * blocks_per_stage]
+            total = blocks[0](x)
+            for block in blocks[1:]:
+                total = total + block(x)
+            x = total / blocks_per_stage  # the block outputs are averaged
+        x = self.conv_post(self.activation_post(x))
+        return torch.tanh(x) if self.config.final_tanh else x.clamp(-1.0, 1.0)
+
+
+def load_vocoder(path: str | Path, config: VocoderConfig) -> BigVGAN:
+    """An official generator file ({'generator': state_dict}), on CPU in float32, eval mode."""
+    vocoder = BigVGAN(config)
+    vocoder.load_official(read_state_dict(path, container="generator"), source=str(path))
+    return vocoder.eval()
