@@ -1,0 +1,453 @@
+"""Video and still-image input for the model: CLIP frames (8 fps, 384x384) and Synchformer frames (25 fps, 224x224).
+
+The default ("exact") path reproduces the official loader bit for bit: every decoded frame is
+timed by ``frame.time``; per output rate a running target time picks the first frame at or
+after each tick (duplicating frames of low-fps sources); picked frames go through libswscale's
+rgb24 conversion and torch's uint8 anti-aliased bicubic resize (what torchvision v2 runs on
+CPU).  Unlike the official loader it stops decoding at the duration, converts only picked
+frames, resizes each as soon as it is decoded (no full-resolution copies are kept) and turns
+frames to their display orientation first.
+
+The "fast" path is for large frames (smaller ones take the exact path): the decoder skips its
+deblocking filter, and libswscale scales straight from YUV to one small RGB image that covers
+both model sizes (box filter, no full-size RGB), from which torch resizes to each.  It differs
+from the exact path by about one uint8 code on average.
+
+Frames are kept as uint8 (``VideoInputs.clip_u8`` / ``sync_u8``); the float model inputs are
+made on first use, or on the GPU with ``clip_input`` / ``sync_input`` (4x fewer bytes to move).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.sequence import CLIP_FPS, SYNC_FPS
+
+FramePath = Literal["exact", "fast"]
+
+
+@dataclass(frozen=True)
+class FrameConfig:
+    clip_fps: float = float(CLIP_FPS)
+    clip_size: int = 384  # squashed to a square, aspect ratio not kept
+    sync_fps: float = float(SYNC_FPS)
+    sync_size: int = 224  # short side resized to this, then a centre crop
+    fast_interpolation: str = "AREA"  # libswscale scaler of the fast path (the cheapest one that stays close)
+    fast_decoder_options: tuple[tuple[str, str], ...] = (("skip_loop_filter", "all"),)  # ~20% less H.264 work
+
+
+@dataclass(frozen=True)
+class ProbeLimits:
+    """Bounds on the work one untrusted file can cause before it is accepted."""
+
+    max_width: int = 8192
+    max_height: int = 8192
+    max_packets_to_first_frame: int = 512  # a sane stream yields a frame within its first GOP
+
+
+def clip_input(frames_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 CLIP frames -> float32 in [0, 1], bit for bit as torchvision's ToDtype(scale=True)."""
+    return frames_u8.float().mul_(1 / 255)
+
+
+def sync_input(frames_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 sync frames -> float32 in [-1, 1] (ToDtype, then Normalize(mean 0.5, std 0.5))."""
+    return clip_input(frames_u8).sub_(0.5).div_(0.5)
+
+
+@dataclass
+class VideoInputs:
+    clip_u8: torch.Tensor  # (T_clip, 3, clip_size, clip_size) uint8
+    sync_u8: torch.Tensor  # (T_sync, 3, sync_size, sync_size) uint8
+    duration_sec: float  # requested duration, shortened to what the frames cover
+    fps: Fraction  # the source's guessed frame rate (an image counts as 1 fps)
+    width: int  # source size in display orientation
+    height: int
+
+    @functools.cached_property
+    def clip_frames(self) -> torch.Tensor:
+        """(T_clip, 3, clip_size, clip_size) float32 in [0, 1]: the CLIP encoder's input."""
+        return clip_input(self.clip_u8)
+
+    @functools.cached_property
+    def sync_frames(self) -> torch.Tensor:
+        """(T_sync, 3, sync_size, sync_size) float32 in [-1, 1]: the Synchformer's input."""
+        return sync_input(self.sync_u8)
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    duration_sec: float | None  # None when the container does not say
+    fps: Fraction | None
+    width: int  # display orientation (rotation applied)
+    height: int
+    codec: str
+    has_video: bool
+    has_audio: bool
+    rotation: int  # counter-clockwise degrees the stored frames must turn for display
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: each kind of unusable upload has its own type, so the service can map them to 4xx
+
+
+class MediaError(ValueError):
+    """A file that cannot be used as video input."""
+
+
+class EmptyMediaError(MediaError):
+    pass
+
+
+class UnreadableMediaError(MediaError):
+    """Not a container FFmpeg recognises (not media at all, or cut before its header)."""
+
+
+class TruncatedMediaError(MediaError):
+    pass
+
+
+class NoVideoStreamError(MediaError):
+    pass
+
+
+class UnsupportedCodecError(MediaError):
+    pass
+
+
+class CorruptMediaError(MediaError):
+    """The container opens but its video does not decode to usable frames."""
+
+
+class MediaTooLargeError(MediaError):
+    pass
+
+
+class VideoTooShortError(MediaError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# opening and probing
+
+
+MAX_TOP_LEVEL_BOXES = 100_000  # fragmented MP4 has two per fragment; more is not a real file
+
+
+def _truncated_iso_bmff(path: Path) -> bool:
+    """Does an MP4/MOV file (first box 'ftyp') declare a top-level box that runs past its end?"""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        offset, first = 0, True
+        for _ in range(MAX_TOP_LEVEL_BOXES):
+            if offset + 8 > size:
+                break
+            f.seek(offset)
+            header = f.read(16)
+            box_size, box_type = int.from_bytes(header[:4], "big"), header[4:8]
+            if first and box_type != b"ftyp":
+                return False
+            first = False
+            if box_size == 1:  # 64-bit size follows the type
+                box_size = int.from_bytes(header[8:16], "big")
+            if box_size == 0:  # box runs to the end of the file
+                return False
+            if box_size < 8:
+                return False  # not a box structure we understand; let FFmpeg's verdict stand
+            offset += box_size
+        return offset > size
+
+
+def _index_past_end(stream: av.stream.Stream, size: int) -> bool:
+    """Does the container's sample index point at bytes the file does not have?"""
+    entries = stream.index_entries
+    return len(entries) > 0 and max(e.pos + e.size for e in entries) > size
+
+
+@contextmanager
+def open_video(path: str | Path) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
+    """The opened container and its first video stream, or the MediaError that says why not."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise EmptyMediaError(f"{path.name}: the file is empty")
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.error.FFmpegError as exc:
+        if _truncated_iso_bmff(path):
+            raise TruncatedMediaError(f"{path.name}: the file is cut short (incomplete upload?)") from exc
+        raise UnreadableMediaError(f"{path.name}: not a readable video or audio file ({exc.strerror})") from exc
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+            raise NoVideoStreamError(f"{path.name}: no video stream (has {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise UnsupportedCodecError(f"{path.name}: its video codec is not supported (no decoder)")
+        if any(_index_past_end(s, size) for s in container.streams) or _truncated_iso_bmff(path):
+            raise TruncatedMediaError(f"{path.name}: the file is cut short (incomplete upload?)")
+        yield container, stream
+
+
+def _first_frame(container, stream, limits: ProbeLimits) -> av.VideoFrame:
+    try:
+        for count, packet in enumerate(container.demux(stream)):
+            if count >= limits.max_packets_to_first_frame:
+                break
+            for frame in packet.decode():
+                return frame
+    except av.error.FFmpegError as exc:
+        raise CorruptMediaError(f"the video does not decode ({exc.strerror})") from exc
+    raise CorruptMediaError("the video stream yields no frame")
+
+
+def _check_size(path: Path, width: int, height: int, limits: ProbeLimits) -> None:
+    if width > limits.max_width or height > limits.max_height:
+        raise MediaTooLargeError(f"{path.name}: {width}x{height} is larger than {limits.max_width}x{limits.max_height}")
+
+
+def display_rotation(frame: av.VideoFrame) -> int:
+    """Counter-clockwise rotation to display orientation, snapped to a multiple of 90 degrees."""
+    angle = frame.rotation
+    if not -180 <= angle <= 180:  # a degenerate display matrix (PyAV reports INT_MIN): show as stored
+        return 0
+    return round(angle / 90) % 4 * 90
+
+
+def probe_video(path: str | Path, limits: ProbeLimits = ProbeLimits()) -> MediaInfo:
+    """Cheap validation of an upload: opens it, checks its size and decodes one frame.
+
+    Raises a MediaError subclass for empty, unreadable, truncated, audio-only, undecodable,
+    corrupt or oversized files.  Work is bounded by the container probe and ``limits``.
+    """
+    with open_video(path) as (container, stream):
+        width, height = stream.codec_context.width, stream.codec_context.height
+        _check_size(Path(path), width, height, limits)
+        stream.thread_type = "AUTO"
+        frame = _first_frame(container, stream, limits)
+        rotation = display_rotation(frame)
+        if rotation % 180:
+            width, height = height, width
+        duration = None
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        return MediaInfo(
+            duration_sec=duration,
+            fps=stream.guessed_rate,
+            width=width,
+            height=height,
+            codec=stream.codec_context.codec.canonical_name,  # "av1", not the decoder "libdav1d"
+            has_video=True,
+            has_audio=bool(container.streams.audio),
+            rotation=rotation,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling and resizing
+
+
+class _RateSampler:
+    """The official frame picker for one output rate: how often to repeat a frame at time t."""
+
+    def __init__(self, fps: float):
+        self.step = 1 / fps
+        self.next_time = 0.0  # accumulated by addition, as the official loop does (float drift included)
+
+    def count(self, time: float) -> int:
+        n = 0
+        while time >= self.next_time:
+            n += 1
+            self.next_time += self.step
+        return n
+
+
+def _short_side_size(height: int, width: int, short: int) -> tuple[int, int]:
+    """torchvision's Resize(int): short side -> ``short``, long side truncated to an int."""
+    if width <= height:
+        return int(short * height / width), short
+    return short, int(short * width / height)
+
+
+def _center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    height, width = image.shape[-2:]
+    # Python's round (halves to even), as torchvision's CenterCrop computes the offsets
+    top, left = round((height - size) / 2), round((width - size) / 2)
+    return image[..., top : top + size, left : left + size]
+
+
+def _resize_u8(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, height, width) uint8 with torch's uint8 anti-aliased bicubic."""
+    if image.shape[-2:] == (height, width):
+        return image  # torchvision returns the input untouched at equal size
+    return F.interpolate(image[None], size=(height, width), mode="bicubic", antialias=True, align_corners=False)[0]
+
+
+def _chw(rgb: np.ndarray, quarter_turns: int) -> torch.Tensor:
+    """(H, W, 3) uint8 turned counter-clockwise -> (3, H', W') view with HWC strides.
+
+    Torch's uint8 resize has a fast kernel for this (channels-last) layout only.
+    """
+    if quarter_turns:
+        rgb = np.ascontiguousarray(np.rot90(rgb, quarter_turns))
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
+def _display_size(frame: av.VideoFrame) -> tuple[int, int]:
+    """(height, width) of the frame once turned to display orientation."""
+    turned = display_rotation(frame) % 180
+    return (frame.width, frame.height) if turned else (frame.height, frame.width)
+
+
+def _sync_resize(display_size: tuple[int, int], config: FrameConfig) -> tuple[int, int]:
+    return _short_side_size(*display_size, config.sync_size)  # centre-cropped afterwards
+
+
+Scaler = Callable[[int, int], torch.Tensor]  # (height, width) -> (3, height, width) uint8
+
+
+def _torch_scaler(rgb: torch.Tensor) -> Scaler:
+    return lambda height, width: _resize_u8(rgb, height, width)
+
+
+def _exact_scaler(frame: av.VideoFrame, config: FrameConfig) -> Scaler:
+    """Official pixels: full-size rgb24 by libswscale, turned, then torch's uint8 resize."""
+    # one libswscale thread: a row-wise conversion, same bits, and no thread pool per frame
+    rgb = frame.to_ndarray(format="rgb24", threads=1)
+    return _torch_scaler(_chw(rgb, display_rotation(frame) // 90))
+
+
+def _worth_shrinking(height: int, width: int, config: FrameConfig) -> bool:
+    """Is the frame large enough for the fast path?  Smaller ones are cheap, and take the exact one."""
+    return min(height, width) > max(config.clip_size, config.sync_size)
+
+
+def _fast_scaler(frame: av.VideoFrame, config: FrameConfig) -> Scaler:
+    """libswscale shrinks YUV straight to an RGB image just covering both model sizes; torch does the rest."""
+    if not _worth_shrinking(frame.height, frame.width, config):
+        return _exact_scaler(frame, config)
+    sync_height, sync_width = _sync_resize(_display_size(frame), config)
+    height, width = max(config.clip_size, sync_height), max(config.clip_size, sync_width)
+    quarter_turns = display_rotation(frame) // 90
+    if quarter_turns % 2:  # libswscale works in stored orientation
+        height, width = width, height
+    interpolation = config.fast_interpolation
+    small = frame.reformat(width=width, height=height, format="rgb24", interpolation=interpolation, threads=1)
+    return _torch_scaler(_chw(small.to_ndarray(), quarter_turns))
+
+
+SCALERS: dict[str, Callable[[av.VideoFrame, FrameConfig], Scaler]] = {"exact": _exact_scaler, "fast": _fast_scaler}
+
+
+def _clip_image(scale: Scaler, config: FrameConfig) -> torch.Tensor:
+    return scale(config.clip_size, config.clip_size)  # squashed: the aspect ratio is not kept
+
+
+def _sync_image(scale: Scaler, display_size: tuple[int, int], config: FrameConfig) -> torch.Tensor:
+    return _center_crop(scale(*_sync_resize(display_size, config)), config.sync_size)
+
+
+def _frames_until(container, stream, end_sec: float) -> Iterator[av.VideoFrame]:
+    """Decoded frames with 0 <= time <= end_sec; decoding stops at the first later frame."""
+    for packet in container.demux(stream):
+        for frame in packet.decode():
+            if frame.time is None:
+                raise CorruptMediaError("a video frame has no timestamp")
+            if frame.time > end_sec:
+                return
+            if frame.time >= 0:
+                yield frame
+
+
+def _video_inputs(
+    clip_u8: list[torch.Tensor], sync_u8: list[torch.Tensor], duration_sec: float, fps: Fraction, size: tuple[int, int]
+) -> VideoInputs:
+    if not clip_u8 or not sync_u8:
+        raise VideoTooShortError(f"{duration_sec:g} s of video gives no CLIP or no sync frame")
+    return VideoInputs(
+        clip_u8=torch.stack(clip_u8),
+        sync_u8=torch.stack(sync_u8),
+        duration_sec=duration_sec,
+        fps=fps,
+        height=size[0],
+        width=size[1],
+    )
+
+
+def load_video(
+    path: str | Path, duration_sec: float, config: FrameConfig = FrameConfig(), frame_path: FramePath = "exact"
+) -> VideoInputs:
+    """CLIP and sync frames of the first ``duration_sec`` seconds of a video (official semantics).
+
+    The returned ``duration_sec`` is shortened when the frames run out: to ``n_clip / clip_fps``,
+    then to ``n_sync / sync_fps``; the frames are then cut to ``int(fps * duration_sec)``.
+    ``frame_path`` "fast" trades exactness (a few uint8 codes) for speed, see the module doc.
+    """
+    if frame_path not in SCALERS:
+        raise ValueError(f"frame_path must be one of {sorted(SCALERS)}, not {frame_path!r}")
+    make_scaler = SCALERS[frame_path]
+    clip_sampler, sync_sampler = _RateSampler(config.clip_fps), _RateSampler(config.sync_fps)
+    clip_u8: list[torch.Tensor] = []
+    sync_u8: list[torch.Tensor] = []
+    display_size = (0, 0)
+    with open_video(path) as (container, stream):
+        stream.thread_type = "AUTO"
+        if frame_path == "fast" and _worth_shrinking(stream.codec_context.height, stream.codec_context.width, config):
+            stream.codec_context.options = dict(config.fast_decoder_options)
+        fps = stream.guessed_rate
+        try:
+            for frame in _frames_until(container, stream, duration_sec):
+                time = frame.time
+                n_clip, n_sync = clip_sampler.count(time), sync_sampler.count(time)
+                if not (n_clip or n_sync):
+                    continue  # never converted: e.g. more than half the frames of a 60 fps source
+                scale, display_size = make_scaler(frame, config), _display_size(frame)
+                if n_clip:
+                    clip_u8 += [_clip_image(scale, config)] * n_clip
+                if n_sync:
+                    sync_u8 += [_sync_image(scale, display_size, config)] * n_sync
+        except av.error.FFmpegError as exc:
+            raise CorruptMediaError(f"{Path(path).name}: the video does not decode ({exc.strerror})") from exc
+
+    duration_sec = min(duration_sec, len(clip_u8) / config.clip_fps, len(sync_u8) / config.sync_fps)
+    clip_u8 = clip_u8[: int(config.clip_fps * duration_sec)]
+    sync_u8 = sync_u8[: int(config.sync_fps * duration_sec)]
+    return _video_inputs(clip_u8, sync_u8, duration_sec, fps, display_size)
+
+
+def load_image(
+    path: str | Path, duration_sec: float, config: FrameConfig = FrameConfig(), limits: ProbeLimits = ProbeLimits()
+) -> VideoInputs:
+    """One CLIP and one sync frame from a still image (image-to-audio); the duration is kept as asked.
+
+    Decoded with PIL like the official loader, turned by its EXIF orientation and converted to RGB
+    (palette, grey and alpha images included).  Images beyond ``limits`` are refused before decoding.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise EmptyMediaError(f"{path.name}: the file is empty")
+    try:
+        with Image.open(path) as image:  # reads the header only
+            _check_size(path, *image.size, limits)
+            rgb = np.array(ImageOps.exif_transpose(image).convert("RGB"))
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise UnreadableMediaError(f"{path.name}: not a readable image ({exc})") from exc
+    image_u8 = _chw(rgb, 0)
+    scale, display_size = _torch_scaler(image_u8), tuple(image_u8.shape[-2:])
+    clip_u8, sync_u8 = [_clip_image(scale, config)], [_sync_image(scale, display_size, config)]
+    return _video_inputs(clip_u8, sync_u8, duration_sec, Fraction(1), display_size)

@@ -1,0 +1,137 @@
+"""Real media files for tests and benchmarks, written with PyAV.
+
+Every video frame has a known layout so tests can check what a loader did with it:
+a smooth gradient background, a red block in the top-left corner (shows orientation),
+and a white square that moves with the frame index (makes every frame distinct).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+RED = (230, 30, 30)
+MARKER_FRACTION = 0.25  # the red block covers this share of the width and of the height
+
+
+@functools.cache
+def _noise(height: int, width: int) -> np.ndarray:
+    return np.random.default_rng(0).normal(0, 12, (height, width, 1)).astype(np.float32)
+
+
+def frame_image(index: int, width: int, height: int, texture: bool = False) -> np.ndarray:
+    """(height, width, 3) uint8 frame number ``index`` of the test pattern.
+
+    ``texture`` adds a drifting noise field, which gives camera-like bitrates (benchmarks).
+    """
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    image = np.empty((height, width, 3), np.float32)
+    image[..., 0] = 40 + 120 * x
+    image[..., 1] = 60 + 100 * y
+    image[..., 2] = 90 + 60 * (x * y)
+    if texture:
+        image += np.roll(_noise(height, width), (index * 3, index * 5), axis=(0, 1))
+    image = image.clip(0, 255).astype(np.uint8)
+    image[: int(height * MARKER_FRACTION), : int(width * MARKER_FRACTION)] = RED
+    side = max(4, min(width, height) // 6)
+    span_x, span_y = width - side, height - side
+    left = (index * 7) % max(span_x, 1)
+    top = int(span_y * (0.5 + 0.4 * math.sin(index * 0.37)))
+    image[top : top + side, left : left + side] = 250
+    return image
+
+
+def make_video(
+    path: Path,
+    seconds: float = 1.0,
+    fps: int = 25,
+    size: tuple[int, int] = (320, 240),
+    codec: str = "libx264",
+    with_audio: bool = False,
+    rotation: int = 0,
+    preset: str = "veryfast",
+    audio_rate: int = 44100,
+    faststart: bool = False,
+    texture: bool = False,
+    display_matrix: list[int] | None = None,
+) -> Path:
+    """A video of ``seconds`` at ``fps`` with frames of ``size`` = (width, height) as stored.
+
+    ``rotation`` is written as display-matrix side data (counter-clockwise degrees, as
+    ``VideoFrame.rotation`` reads it back); the stored pixels are not rotated.
+    libx264's ``preset`` decides GOP structure: "veryfast" uses B-frames, "ultrafast" does not.
+    ``faststart`` puts an MP4's index before its media data (as phones and web encoders do).
+    ``display_matrix`` writes those 9 raw values instead (e.g. a degenerate all-zero matrix).
+    """
+    width, height = size
+    options = {"movflags": "+faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": preset, "crf": "20"}
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if display_matrix is not None:
+            stream.set_display_matrix(display_matrix)
+        audio = container.add_stream("aac", rate=audio_rate, layout="stereo") if with_audio else None
+        for index in range(round(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(frame_image(index, width, height, texture), format="rgb24")
+            frame.pts = index
+            frame.time_base = Fraction(1, fps)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+        if audio is not None:
+            tone = sine(seconds, audio_rate, channels=2)
+            container.mux(audio.encode(audio_frame(tone, audio_rate)))
+            container.mux(audio.encode())
+    return path
+
+
+def sine(seconds: float, rate: int, channels: int = 1, hz: float = 440.0) -> np.ndarray:
+    """(channels, samples) float32 tone at half scale."""
+    t = np.arange(round(seconds * rate), dtype=np.float64) / rate
+    return np.repeat((0.5 * np.sin(2 * np.pi * hz * t))[None].astype(np.float32), channels, 0)
+
+
+def audio_frame(samples: np.ndarray, rate: int) -> av.AudioFrame:
+    layout = "mono" if samples.shape[0] == 1 else "stereo"
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp", layout=layout)
+    frame.sample_rate, frame.pts = rate, 0
+    return frame
+
+
+def make_audio_only(path: Path, seconds: float = 1.0, rate: int = 44100) -> Path:
+    """An m4a/mp4 with one AAC stream and no video."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=rate, layout="mono")
+        container.mux(stream.encode(audio_frame(sine(seconds, rate), rate)))
+        container.mux(stream.encode())
+    return path
+
+
+def make_image(path: Path, size: tuple[int, int] = (320, 240)) -> Path:
+    """A still image (format from the suffix: png, jpg, webp) of pattern frame 0."""
+    from PIL import Image
+
+    Image.fromarray(frame_image(0, *size)).save(path)
+    return path
+
+
+def make_truncated(path: Path, source: Path, keep: float = 0.5) -> Path:
+    """The first ``keep`` share of ``source``'s bytes."""
+    data = source.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def make_unknown_codec(path: Path, source: Path) -> Path:
+    """``source`` (an H.264 mp4) with its sample-entry fourcc renamed, so no decoder claims it."""
+    path.write_bytes(source.read_bytes().replace(b"avc1", b"zzz1").replace(b"avcC", b"zzzC"))
+    return path
