@@ -16,19 +16,19 @@ import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import open_clip
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from model import weights as official_files
 from model.checkpoint import read_state_dict
 from model.clip import ClipConfig, ClipEncoder, load_clip
 from model.flow import FLOW_CONFIGS, Conditions, FlowNetwork
-from model.recipe import manifest_of, synth_state_dict
+from model.recipe import synth_module_state_dict
 from model.sampler import euler_sample
 from model.sequence import (
     AUDIO_16K,
@@ -48,7 +48,7 @@ from model.synchformer import (
 )
 from model.vae import VAE_CONFIGS, VAEConfig, VAEDecoder, load_vae_decoder
 from model.video import VideoInputs, clip_input, load_image, load_video, sync_input
-from model.vocoder import BIGVGAN_16K, VOCODER_CONFIGS, BigVGAN, VocoderConfig, load_vocoder
+from model.vocoder import VOCODER_CONFIGS, BigVGAN, VocoderConfig, load_vocoder
 
 VARIANTS = tuple(FLOW_CONFIGS)
 WeightsKind = Literal["official", "tiny"]
@@ -161,13 +161,6 @@ def audio_format(variant: str) -> AudioFormat:
 # module construction
 
 
-def _tiny_state_dict(module: nn.Module, seed: int) -> dict[str, Tensor]:
-    """Recipe weights for a module's own keys; the model constants (filters, mel stats) kept as built."""
-    own = module.state_dict()
-    weights = synth_state_dict(manifest_of(own), seed)
-    return {key: weights.get(key, value) for key, value in own.items()}
-
-
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -241,31 +234,34 @@ class Pipeline:
         _flow_config(variant)
         official_files.verify(variant, weights_dir, check_md5=False).raise_for_problems()
         paths = official_files.paths_for(variant, weights_dir)
-        vocoder_config = (
-            VocoderConfig.from_bigvgan_json(json.loads(paths.vocoder_config.read_text()))
-            if paths.vocoder_config is not None
-            else BIGVGAN_16K
+        vocoder = None
+        if paths.vocoder_config is not None:  # BigVGAN-v2 ships its hyper-parameters; the 16k one is built in
+            vocoder = VocoderConfig.from_bigvgan_json(json.loads(paths.vocoder_config.read_text()))
+        arch = replace(
+            Architecture.official(variant, vocoder),
+            clip=ClipConfig.from_open_clip(json.loads(paths.clip_config.read_text())),
         )
-        arch = Architecture.official(variant, vocoder_config)
-        clip_config = ClipConfig.from_open_clip(json.loads(paths.clip_config.read_text()))
-        flow = FlowNetwork.from_state_dict(arch.flow, read_state_dict(paths.flow), source=str(paths.flow))
-        info = {
-            "kind": "official",
-            "random_weights": False,
-            "id": f"{variant}:{official_files.files_for(variant)[0].md5 or paths.flow.name}",
-            "files": [p.name for p in (paths.flow, paths.vae, paths.vocoder, paths.synchformer, paths.clip)],
-        }
+        manifest = official_files.official_manifest()
+        flow_file = manifest.files[manifest.variants[variant]["flow"]]
+        # the published md5 of the flow checkpoint names the weights (verify() checks the files against it)
+        info = {"kind": "official", "random_weights": False, "id": f"{flow_file.file}:{flow_file.md5}"}
+        return cls.from_files(arch, paths, info, device=device, dtype=dtype, frame_path=frame_path)
+
+    @classmethod
+    def from_files(
+        cls, architecture: Architecture, paths: official_files.VariantPaths, weights_info: Mapping[str, Any], **kwargs
+    ) -> Pipeline:
+        """Load every checkpoint file in its official format (key names, containers, extra keys)."""
+        arch = architecture
         return cls(
             arch,
-            flow,
-            load_clip(paths.clip.parent, clip_config),
+            FlowNetwork.from_state_dict(arch.flow, read_state_dict(paths.flow), source=str(paths.flow)),
+            load_clip(paths.clip.parent, arch.clip),
             load_synchformer(paths.synchformer, arch.synchformer),
             load_vae_decoder(paths.vae, arch.vae),
             load_vocoder(paths.vocoder, arch.vocoder),
-            info,
-            device,
-            dtype,
-            frame_path,
+            {**weights_info, "files": [p.name for p in (paths.flow, paths.vae, paths.vocoder, paths.synchformer)]},
+            **kwargs,
         )
 
     @classmethod
@@ -301,13 +297,11 @@ class Pipeline:
             clip_skeleton = open_clip.CLIP(**arch.clip.model_cfg)
         synchformer = Synchformer(arch.synchformer)
         state_dicts = {
-            "flow": synth_state_dict(manifest_of(flow_skeleton.state_dict()), seed),
-            "clip": synth_state_dict(manifest_of(clip_skeleton.state_dict()), seed),
-            "synchformer": {
-                VISUAL_PREFIX + k: v for k, v in synth_state_dict(manifest_of(synchformer.state_dict()), seed).items()
-            },
-            "vae": _tiny_state_dict(VAEDecoder(arch.vae), seed),
-            "vocoder": _tiny_state_dict(BigVGAN(arch.vocoder), seed),
+            "flow": synth_module_state_dict(flow_skeleton, seed),
+            "clip": synth_module_state_dict(clip_skeleton, seed),
+            "synchformer": {VISUAL_PREFIX + k: v for k, v in synth_module_state_dict(synchformer, seed).items()},
+            "vae": synth_module_state_dict(VAEDecoder(arch.vae), seed),
+            "vocoder": synth_module_state_dict(BigVGAN(arch.vocoder), seed),
         }
         info = {"kind": "tiny", "random_weights": True, "id": f"tiny-{variant}-seed{seed}", "note": TINY_NOTE}
         return cls.from_state_dicts(arch, state_dicts, info, **kwargs)

@@ -90,6 +90,13 @@ def manifest_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[list[
     return {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state_dict.items()}
 
 
+def synth_module_state_dict(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Recipe weights for every key of ``module``; the model constants (filters, mel statistics) kept as built."""
+    own = module.state_dict()
+    weights = synth_state_dict(manifest_of(own), seed)
+    return {key: weights.get(key, value) for key, value in own.items()}
+
+
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Identity of a state dict: sha256 over sorted keys, dtypes, shapes and raw bytes."""
     h = hashlib.sha256()

@@ -1,0 +1,103 @@
+"""python -m model.generate: one generation from the command line, like the official demo.
+
+    python -m model.generate --video clip.mp4 --prompt "waves crashing" --out output/
+    python -m model.generate --prompt "a dog barking in the rain" --duration 5 --out output/
+    python -m model.generate --image photo.jpg --prompt "birdsong" --weights tiny --out output/
+
+Writes <name>.flac (and <name>.mp4 with a video: its video stream copied, the new audio as AAC).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from model.media import mux_video, write_audio
+from model.pipeline import VARIANTS, GenerationRequest, Pipeline
+from model.video import MediaError
+from model.weights import WeightsError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def output_stem(request: GenerationRequest) -> str:
+    media = request.video or request.image
+    if media is not None:
+        return Path(media).stem
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", request.prompt).strip("_")[:80] or "audio"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--video", type=Path, help="video to make a soundtrack for")
+    source.add_argument("--image", type=Path, help="still image (image-to-audio)")
+    parser.add_argument("--prompt", default="", help="what the audio should contain")
+    parser.add_argument("--negative-prompt", default="", help="what it should not contain")
+    parser.add_argument("--variant", default="large_44k_v2", choices=VARIANTS)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds (a shorter video shortens it)")
+    parser.add_argument("--steps", type=int, default=25, help="Euler steps")
+    parser.add_argument("--cfg-strength", type=float, default=4.5, help="classifier-free guidance")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--mask-away-clip", action="store_true", help="ignore the video's CLIP (semantic) features")
+    parser.add_argument("--weights", default="official", choices=("official", "tiny"), help="tiny: random weights")
+    parser.add_argument("--weights-dir", type=Path, default=Path("weights"))
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--fast-frames", action="store_true", help="faster, inexact video frame path")
+    parser.add_argument("--out", type=Path, default=Path("output"), help="output folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = parse_args(argv)
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        duration=args.duration,
+        num_steps=args.steps,
+        cfg_strength=args.cfg_strength,
+        seed=args.seed,
+        mask_away_clip=args.mask_away_clip,
+        num_samples=args.num_samples,
+        video=args.video,
+        image=args.image,
+    )
+    try:
+        pipeline = Pipeline.load(
+            args.variant,
+            weights=args.weights,
+            weights_dir=args.weights_dir,
+            device=args.device,
+            dtype=DTYPES[args.dtype] if args.dtype else None,
+            frame_path="fast" if args.fast_frames else "exact",
+        )
+        result = pipeline.generate(request)
+    except (WeightsError, MediaError, ValueError) as exc:  # the user's to fix: say what, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = output_stem(request)
+    for k, audio in enumerate(result.audio):
+        name = stem if result.audio.shape[0] == 1 else f"{stem}_{k}"
+        write_audio(args.out / f"{name}.flac", audio[None], result.sample_rate, "flac")
+        print(args.out / f"{name}.flac")
+        if args.video is not None:
+            mux_video(args.video, audio[None], result.sample_rate, args.out / f"{name}.mp4", result.duration)
+            print(args.out / f"{name}.mp4")
+    if result.metadata["weights"]["random_weights"]:
+        print(f"NOTE: {result.metadata['weights'].get('note', 'random weights')}", file=sys.stderr)
+    print(json.dumps(result.metadata, indent=1), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
