@@ -1,0 +1,1 @@
+"""The MMAudio HTTP service: FastAPI front, Redis/RQ queue, long-lived workers holding the pipeline."""

@@ -1,0 +1,1 @@
+"""The HTTP front: FastAPI app, routers, dependencies."""

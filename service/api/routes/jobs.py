@@ -1,0 +1,213 @@
+"""/v1/jobs: submit, read, follow, cancel and download."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.api.events import sse_stream, wait_until_finished
+from service.api.ranges import byte_range, content_disposition
+from service.api.state import app_state, base_url, current_owner, owned_job
+from service.problems import MEDIA_TYPE as PROBLEM_MEDIA_TYPE
+from service.problems import ProblemError
+from service.schemas import Job, JobParams, JobStatus, ProblemDetails, ResultFormat
+from service.storage import result_name
+from service.transcode import convert_result
+from service.uploads import read_submit_body
+from service.views import available_formats, job_url, job_view
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+Owner = Annotated[str, Depends(current_owner)]
+CONTENT_TYPES = {"mp4": "video/mp4", "flac": "audio/flac", "wav": "audio/wav", "m4a": "audio/mp4"}
+PROBLEM_RESPONSE = {"model": ProblemDetails, "content": {PROBLEM_MEDIA_TYPE: {}}}
+
+_form_fields = {
+    name: {"type": "string", "description": field.description} for name, field in JobParams.model_fields.items()
+}
+SUBMIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": JobParams.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "video": {"type": "string", "format": "binary", "description": "A video (video-to-audio)."},
+                        "image": {"type": "string", "format": "binary", "description": "A still image."},
+                        **_form_fields,
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def preferred_wait(prefer: str | None, cap: float) -> float | None:
+    """Seconds of ``Prefer: wait=N`` (RFC 7240), capped; None when absent."""
+    for token in re.split(r"[,;]", prefer or ""):
+        name, _, value = token.strip().partition("=")
+        if name.strip().lower() == "wait" and value.strip().isdigit():
+            return min(float(value), cap)
+    return None
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Job,
+    openapi_extra=SUBMIT_BODY,
+    summary="Submit a job",
+    responses={
+        200: {"model": Job, "description": "The job has already ended (Prefer: wait, or an idempotent replay)."},
+        **{code: PROBLEM_RESPONSE for code in (401, 409, 413, 415, 422, 429)},
+    },
+)
+async def submit_job(
+    request: Request,
+    owner: Owner,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    prefer: Annotated[str | None, Header()] = None,
+) -> Response:
+    """JSON for text-to-audio; multipart/form-data with a `video` or `image` file and the same parameters as
+    form fields. Answers 202 with the queued job and its Location."""
+    state = app_state(request)
+    settings = state.settings
+    if idempotency_key is None and settings.enabled_variants == [settings.variant]:
+        await run_in_threadpool(state.submitter.check_capacity, settings.variant)  # before reading the upload
+    with tempfile.TemporaryDirectory(prefix="mmaudio-upload-") as tmp:
+        body = await read_submit_body(
+            request.headers.get("content-type"),
+            request.headers.get("content-length"),
+            request.stream(),
+            Path(tmp),
+            settings.max_upload_bytes,
+        )
+        submitted = await run_in_threadpool(state.submitter.submit, owner, body, idempotency_key, base_url(request))
+    record = submitted.record
+    headers = {"Location": job_url(base_url(request), record.id)}
+    if submitted.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    wait = preferred_wait(prefer, settings.max_wait_seconds)
+    if wait is not None:
+        headers["Preference-Applied"] = f"wait={wait:g}"
+        if not record.status.terminal:
+            record = await wait_until_finished(state, record.id, wait) or record
+    position = await run_in_threadpool(state.jobs.queue_position, record)
+    view = job_view(record, base_url(request), position)
+    return JSONResponse(view, 200 if record.status.terminal else 202, headers)
+
+
+@router.get("/{job_id}", response_model=Job, summary="Read a job", responses={404: PROBLEM_RESPONSE})
+def get_job(request: Request, job_id: str, owner: Owner) -> Response:
+    state = app_state(request)
+    record = owned_job(state, job_id, owner)
+    view = job_view(record, base_url(request), state.jobs.queue_position(record))
+    return JSONResponse(view)
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Follow a job (server-sent events)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, 404: PROBLEM_RESPONSE},
+)
+async def job_events(request: Request, job_id: str, owner: Owner) -> StreamingResponse:
+    """`event: status` whenever the status changes and `event: progress` for every other change, each with
+    the whole job object as data; the stream ends after the final status."""
+    state = app_state(request)
+    await run_in_threadpool(owned_job, state, job_id, owner)
+    return StreamingResponse(
+        sse_stream(state, job_id, base_url(request)),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=Job,
+    summary="Cancel a job",
+    responses={202: {"model": Job, "description": "Running: it stops at its next step."}, 404: PROBLEM_RESPONSE},
+)
+def cancel_job(request: Request, job_id: str, owner: Owner) -> Response:
+    """A queued job is canceled at once (200). A running one is asked to stop (202, `cancel_requested`) and
+    becomes canceled after its current sampling step. An ended job cannot be canceled (409)."""
+    state = app_state(request)
+    record = owned_job(state, job_id, owner)
+    if record.status.terminal and record.status is not JobStatus.canceled:
+        raise ProblemError("job-not-cancelable", f"The job has {record.status.value}.")
+    record = state.jobs.cancel(record) or record
+    view = job_view(record, base_url(request), state.jobs.queue_position(record))
+    return JSONResponse(view, 200 if record.status.terminal else 202)
+
+
+@router.api_route(
+    "/{job_id}/result",
+    methods=["GET", "HEAD"],
+    summary="Download a result",
+    response_class=Response,
+    responses={
+        200: {"content": {media: {} for media in CONTENT_TYPES.values()}},
+        206: {"description": "The requested byte range."},
+        **{code: PROBLEM_RESPONSE for code in (404, 409, 416)},
+    },
+)
+def job_result(
+    request: Request,
+    job_id: str,
+    owner: Owner,
+    format: Annotated[ResultFormat | None, Query(description="Default: the job's output_format.")] = None,
+    sample: Annotated[int, Query(ge=0)] = 0,
+    range_header: Annotated[str | None, Header(alias="range")] = None,
+) -> Response:
+    """mp4 (video jobs): the uploaded video stream copied unchanged with the generated audio as AAC.
+    flac, wav, m4a: the audio alone (wav and m4a are converted from the FLAC on their first download).
+    Supports single byte ranges."""
+    state = app_state(request)
+    record = owned_job(state, job_id, owner)
+    if record.status is not JobStatus.succeeded:
+        if record.status.terminal:
+            raise ProblemError("result-unavailable", f"The job {record.status.value}; it has no result.")
+        raise ProblemError("job-not-finished", f"The job is {record.status.value}.")
+    assert record.result is not None
+    fmt = format or record.params["output_format"]
+    formats = available_formats(record.result)
+    if fmt not in formats or sample >= record.result["num_samples"]:
+        raise ProblemError(
+            "result-unavailable",
+            f"Formats: {', '.join(formats)}; samples 0 to {record.result['num_samples'] - 1}.",
+        )
+    name = result_name(record.id, sample, fmt)
+    size = state.store.size(name)
+    if size is None and fmt not in record.result["formats"]:
+        size = convert_result(state.store, record, sample, fmt)
+    if size is None:
+        raise ProblemError("result-unavailable", "The result has expired.")
+    stem = Path(record.input.get("filename") or f"mmaudio-{record.id[:8]}").stem
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": content_disposition(f"{stem}-{sample}.{fmt}"),
+        "ETag": f'"{record.id}-{sample}-{fmt}-{size}"',
+        "Cache-Control": "private, max-age=3600",
+    }
+    span = byte_range(range_header, size)
+    first, last = span or (0, size - 1)
+    headers["Content-Length"] = str(last - first + 1)
+    status = 200
+    if span is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type=CONTENT_TYPES[fmt])
+    return StreamingResponse(
+        state.store.read(name, first, last), status_code=status, headers=headers, media_type=CONTENT_TYPES[fmt]
+    )

@@ -1,0 +1,297 @@
+"""Job records in Redis and their state machine.
+
+A job is one Redis hash. Every change goes through one Lua script that checks the current status (and,
+for a worker, that it still owns the attempt) before writing, keeps the set of running jobs, counts
+status entries for /metrics, sets the expiry of finished jobs and announces the change on the job's
+pub/sub channel, all atomically. So a cancel racing a worker's start, or a worker finishing a job that
+the reaper already declared lost, always resolves to exactly one outcome.
+
+    queued -> running -> succeeded | failed | canceled
+    queued -> canceled
+    running -> queued            (an abandoned job retried once)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+from redis.client import Pipeline
+
+from service import keys, queue
+from service.schemas import JobStatus
+from service.settings import Settings
+from service.storage import BlobStore
+
+JSON_FIELDS = ("params", "input", "model", "progress", "timings", "result", "error", "webhook")
+
+# KEYS: job hash, running set, status counts.
+# ARGV: job id, allowed statuses (space separated), owning worker ('' = any), attempt ('' = any),
+#       new status ('' = keep), expiry seconds (0 = none), channel, event, then field/value pairs.
+# Returns {1, status, cancel flag} when applied, {0, current status, cancel flag} when refused, nil when absent.
+UPDATE_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return nil end
+local cancel = redis.call('HGET', KEYS[1], 'cancel') or ''
+if not string.find(' ' .. ARGV[2] .. ' ', ' ' .. current .. ' ', 1, true) then return {0, current, cancel} end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[3] then return {0, current, cancel} end
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[4] then return {0, current, cancel} end
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local status = current
+if ARGV[5] ~= '' then
+  status = ARGV[5]
+  redis.call('HSET', KEYS[1], 'status', status)
+  if status == 'running' then redis.call('SADD', KEYS[2], ARGV[1]) else redis.call('SREM', KEYS[2], ARGV[1]) end
+  redis.call('HINCRBY', KEYS[3], status, 1)
+end
+if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
+redis.call('PUBLISH', ARGV[7], ARGV[8])
+return {1, status, redis.call('HGET', KEYS[1], 'cancel') or ''}
+"""
+
+
+def schedule_webhook(redis: Redis, job_id: str, due: float | None = None) -> None:
+    """Make the webhook of a finished job due at ``due`` (now by default)."""
+    redis.zadd(keys.WEBHOOKS_DUE, {job_id: time.time() if due is None else due})
+
+
+@dataclass
+class JobRecord:
+    id: str
+    owner: str
+    status: JobStatus
+    created_at: float
+    params: dict[str, Any]  # EffectiveParams
+    input: dict[str, Any]  # InputInfo
+    model: dict[str, Any]  # ModelInfo
+    upload: str | None = None  # blob name of the uploaded file
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: dict[str, Any] | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    webhook: dict[str, Any] | None = None
+    attempts: int = 0
+    worker: str | None = None
+    cancel_requested: bool = False
+
+    @property
+    def variant(self) -> str:
+        return self.params["variant"]
+
+    def to_hash(self) -> dict[str, str]:
+        values: dict[str, Any] = {
+            "id": self.id,
+            "owner": self.owner,
+            "status": self.status.value,
+            "created_at": repr(self.created_at),
+            "upload": self.upload or "",
+            "attempts": str(self.attempts),
+            "worker": self.worker or "",
+            "cancel": "1" if self.cancel_requested else "",
+        }
+        for name in ("started_at", "finished_at"):
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = repr(value)
+        for name in JSON_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = json.dumps(value)
+        return values
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:
+        data = {key.decode(): value.decode() for key, value in raw.items()}
+
+        def number(name: str) -> float | None:
+            return float(data[name]) if data.get(name) else None
+
+        def decoded(name: str) -> Any:
+            return json.loads(data[name]) if data.get(name) else None
+
+        return cls(
+            id=data["id"],
+            owner=data["owner"],
+            status=JobStatus(data["status"]),
+            created_at=float(data["created_at"]),
+            params=decoded("params"),
+            input=decoded("input"),
+            model=decoded("model"),
+            upload=data.get("upload") or None,
+            started_at=number("started_at"),
+            finished_at=number("finished_at"),
+            progress=decoded("progress"),
+            timings=decoded("timings") or {},
+            result=decoded("result"),
+            error=decoded("error"),
+            webhook=decoded("webhook"),
+            attempts=int(data.get("attempts") or 0),
+            worker=data.get("worker") or None,
+            cancel_requested=bool(data.get("cancel")),
+        )
+
+
+@dataclass(frozen=True)
+class UpdateOutcome:
+    applied: bool
+    status: JobStatus | None  # None: the job does not exist (any more)
+    cancel_requested: bool = False
+
+
+def encode_fields(fields: dict[str, Any]) -> dict[str, str]:
+    """Field values as the hash stores them: JSON for structured ones, repr for times."""
+    encoded = {}
+    for name, value in fields.items():
+        if name in JSON_FIELDS:
+            encoded[name] = json.dumps(value)
+        elif isinstance(value, float):
+            encoded[name] = repr(value)
+        else:
+            encoded[name] = "" if value is None else str(value)
+    return encoded
+
+
+class JobStore:
+    def __init__(self, redis: Redis, settings: Settings, store: BlobStore) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.store = store
+        self._update = redis.register_script(UPDATE_SCRIPT)
+
+    def create(self, record: JobRecord) -> None:
+        """Save a new queued job and put its first attempt on its variant's queue, in one transaction."""
+        with self.redis.pipeline() as pipe:
+            pipe.multi()  # explicit, as RQ expects of a pipeline it enqueues on
+            pipe.hset(keys.job(record.id), mapping=record.to_hash())
+            pipe.expire(keys.job(record.id), self.settings.upload_ttl_seconds)
+            pipe.hincrby(keys.STATUS_COUNTS, JobStatus.queued.value, 1)
+            queue.enqueue(
+                self.redis,
+                record.variant,
+                record.id,
+                record.attempts + 1,
+                self.settings.job_timeout_seconds,
+                pipeline=pipe,
+            )
+            pipe.execute()
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.redis.hgetall(keys.job(job_id))
+        return JobRecord.from_hash(raw) if raw else None
+
+    def update(
+        self,
+        job_id: str,
+        allowed: tuple[JobStatus, ...],
+        new_status: JobStatus | None = None,
+        *,
+        by_worker: str | None = None,
+        at_attempt: int | None = None,
+        expire_seconds: int = 0,
+        event: str = "update",
+        **fields: Any,
+    ) -> UpdateOutcome:
+        """Apply ``fields`` (and ``new_status``) if the job is in an ``allowed`` status and, when given, is
+        owned by worker ``by_worker`` at attempt ``at_attempt``."""
+        reply = self._update(
+            **self._script_call(job_id, allowed, new_status, by_worker, at_attempt, expire_seconds, event, fields)
+        )
+        if reply is None:
+            return UpdateOutcome(False, None)
+        applied, status, cancel = reply
+        return UpdateOutcome(bool(applied), JobStatus(status.decode()), bool(cancel))
+
+    def update_in(
+        self,
+        pipeline: Pipeline,
+        job_id: str,
+        allowed: tuple[JobStatus, ...],
+        new_status: JobStatus | None = None,
+        *,
+        by_worker: str | None = None,
+        at_attempt: int | None = None,
+        **fields: Any,
+    ) -> None:
+        """``update`` queued on ``pipeline`` (to commit together with other writes); its outcome is not read."""
+        call = self._script_call(job_id, allowed, new_status, by_worker, at_attempt, 0, "update", fields)
+        self._update(**call, client=pipeline)
+
+    @staticmethod
+    def _script_call(
+        job_id: str,
+        allowed: tuple[JobStatus, ...],
+        new_status: JobStatus | None,
+        by_worker: str | None,
+        at_attempt: int | None,
+        expire_seconds: int,
+        event: str,
+        fields: dict[str, Any],
+    ) -> dict[str, list]:
+        pairs = [item for pair in encode_fields(fields).items() for item in pair]
+        return {
+            "keys": [keys.job(job_id), keys.RUNNING_JOBS, keys.STATUS_COUNTS],
+            "args": [
+                job_id,
+                " ".join(status.value for status in allowed),
+                by_worker or "",
+                "" if at_attempt is None else str(at_attempt),
+                new_status.value if new_status else "",
+                expire_seconds,
+                keys.job_events(job_id),
+                new_status.value if new_status else event,
+                *pairs,
+            ],
+        }
+
+    def finish(
+        self,
+        record: JobRecord,
+        allowed: tuple[JobStatus, ...],
+        new_status: JobStatus,
+        *,
+        by_worker: str | None = None,
+        at_attempt: int | None = None,
+        **fields: Any,
+    ) -> UpdateOutcome:
+        """Move a job into a terminal status. Once applied the record lives for ``result_ttl_seconds``, its
+        upload is deleted and its webhook (if any) becomes due."""
+        assert new_status.terminal
+        outcome = self.update(
+            record.id,
+            allowed,
+            new_status,
+            by_worker=by_worker,
+            at_attempt=at_attempt,
+            expire_seconds=self.settings.result_ttl_seconds,
+            finished_at=time.time(),
+            progress=None,
+            **fields,
+        )
+        if outcome.applied:
+            if record.upload:
+                self.store.delete(record.upload)
+            if record.webhook:
+                schedule_webhook(self.redis, record.id)
+        return outcome
+
+    def cancel(self, record: JobRecord) -> JobRecord | None:
+        """Cancel a queued job at once; ask a running one to stop at its next progress report."""
+        outcome = self.finish(record, (JobStatus.queued,), JobStatus.canceled)
+        if outcome.applied:
+            queue.withdraw(self.redis, record.variant, record.id, record.attempts + 1)
+        elif outcome.status is JobStatus.running:
+            self.update(record.id, (JobStatus.running,), event="cancel", cancel="1")
+        return self.get(record.id)
+
+    def queue_position(self, record: JobRecord) -> int | None:
+        if record.status is not JobStatus.queued:
+            return None
+        return queue.position(self.redis, record.variant, record.id, record.attempts + 1)
+
+    def running_ids(self) -> list[str]:
+        return [job_id.decode() for job_id in self.redis.smembers(keys.RUNNING_JOBS)]

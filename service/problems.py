@@ -1,0 +1,87 @@
+"""RFC 9457 problem details: the stable `type` of every error the service reports.
+
+API errors and the `error` of a failed job share this catalogue, so a client handles both with one table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+TYPE_BASE = "urn:mmaudio:problem:"
+MEDIA_TYPE = "application/problem+json"
+
+
+@dataclass(frozen=True)
+class ProblemType:
+    slug: str
+    status: int
+    title: str
+
+    @property
+    def uri(self) -> str:
+        return TYPE_BASE + self.slug
+
+
+def _catalogue(*types: ProblemType) -> dict[str, ProblemType]:
+    return {t.slug: t for t in types}
+
+
+PROBLEMS = _catalogue(
+    # request problems
+    ProblemType("unauthorized", 401, "Missing or unknown API key"),
+    ProblemType("not-found", 404, "No such resource"),
+    ProblemType("method-not-allowed", 405, "Method not allowed"),
+    ProblemType("validation-error", 422, "The request is invalid"),
+    ProblemType("upload-too-large", 413, "The upload is larger than the service accepts"),
+    ProblemType("unsupported-media-type", 415, "Send application/json or multipart/form-data"),
+    ProblemType("empty-upload", 422, "The uploaded file is empty"),
+    ProblemType("unreadable-media", 415, "The upload is not a video or image the service can read"),
+    ProblemType("no-video-stream", 415, "The upload has no video stream"),
+    ProblemType("unsupported-codec", 415, "The video codec is not supported"),
+    ProblemType("truncated-media", 422, "The upload is cut short"),
+    ProblemType("corrupt-media", 422, "The video does not decode"),
+    ProblemType("video-too-short", 422, "The video is too short to generate audio for"),
+    ProblemType("media-limits", 422, "The video is longer or larger than the service accepts"),
+    ProblemType("variant-unavailable", 422, "This deployment does not serve that model variant"),
+    ProblemType("webhooks-disabled", 422, "This deployment does not send webhooks"),
+    ProblemType("idempotency-key-reused", 422, "The Idempotency-Key was used for a different request"),
+    ProblemType("idempotency-in-progress", 409, "A request with this Idempotency-Key is still being processed"),
+    ProblemType("queue-full", 429, "Too many queued jobs, try again later"),
+    ProblemType("job-not-finished", 409, "The job has no result yet"),
+    ProblemType("job-not-cancelable", 409, "The job has already ended"),
+    ProblemType("result-unavailable", 404, "The job has no result in that format or sample"),
+    ProblemType("range-not-satisfiable", 416, "The requested byte range is outside the file"),
+    ProblemType("service-unavailable", 503, "The service is not ready"),
+    ProblemType("internal-error", 500, "Internal error"),
+    # reasons a job failed (the job's `error`, status failed)
+    ProblemType("worker-lost", 500, "The worker running the job stopped unexpectedly"),
+    ProblemType("timeout", 504, "The job ran longer than the service allows"),
+    ProblemType("generation-failed", 500, "The model failed to generate audio"),
+)
+
+
+class ProblemError(Exception):
+    """Raised anywhere in a request; the API answers it as problem+json."""
+
+    def __init__(
+        self, slug: str, detail: str | None = None, headers: dict[str, str] | None = None, **extensions: Any
+    ) -> None:
+        self.problem = PROBLEMS[slug]
+        self.detail = detail
+        self.headers = headers or {}
+        self.extensions = extensions
+        super().__init__(detail or self.problem.title)
+
+    def body(self, instance: str | None = None) -> dict[str, Any]:
+        return problem_body(self.problem.slug, self.detail, instance, **self.extensions)
+
+
+def problem_body(slug: str, detail: str | None = None, instance: str | None = None, **extensions: Any) -> dict:
+    problem = PROBLEMS[slug]
+    body: dict[str, Any] = {"type": problem.uri, "title": problem.title, "status": problem.status}
+    if detail:
+        body["detail"] = detail
+    if instance:
+        body["instance"] = instance
+    return body | extensions

@@ -1,0 +1,232 @@
+"""The public shapes of the /v1 API (pydantic v2): what a client sends and what it gets back."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from service.settings import Settings, Variant
+
+MIN_DURATION = 1.0  # the synchronisation features need at least one 16-frame window of 25 fps video
+MAX_SEED = 2**63 - 1
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+
+
+InputKind = Literal["video", "image", "text"]
+ResultFormat = Literal["mp4", "flac", "wav", "m4a"]
+MASTER_FORMAT = "flac"  # written for every job; the other audio formats are converted from it on demand
+AUDIO_FORMATS = ("flac", "wav", "m4a")
+
+
+class JobParams(BaseModel):
+    """What a client may set on submit. Defaults follow the official demo.
+
+    Limits that depend on the deployment (max duration, steps, samples, prompt length, variants) are checked
+    against the Settings passed as validation context.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field("", description="What the audio should contain.")
+    negative_prompt: str = Field("", description="What the audio should avoid.")
+    duration: float = Field(8.0, ge=MIN_DURATION, description="Seconds of audio; a shorter video shortens it.")
+    num_steps: int = Field(25, ge=1, description="Flow-matching Euler steps.")
+    cfg_strength: float = Field(4.5, ge=0.0, le=20.0, description="Classifier-free guidance strength.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; drawn by the service when absent.")
+    mask_away_clip: bool = Field(False, description="Ignore the CLIP (visual semantics) features of the video.")
+    num_samples: int = Field(1, ge=1, description="Samples generated together from the one seeded noise draw.")
+    variant: Variant | None = Field(None, description="Model variant; the deployment's default when absent.")
+    output_format: ResultFormat | None = Field(
+        None, description="Default format of /result: mp4 for video jobs, flac otherwise."
+    )
+    webhook_url: str | None = Field(None, max_length=2048, description="Receives a signed POST of the finished job.")
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _prompt_length(cls, value: str, info: ValidationInfo) -> str:
+        limit = _settings(info).max_prompt_chars
+        if len(value) > limit:
+            raise ValueError(f"at most {limit} characters")
+        return value
+
+    @field_validator("duration")
+    @classmethod
+    def _duration_limit(cls, value: float, info: ValidationInfo) -> float:
+        limit = _settings(info).max_duration
+        if value > limit:
+            raise ValueError(f"at most {limit} seconds")
+        return value
+
+    @field_validator("num_steps")
+    @classmethod
+    def _steps_limit(cls, value: int, info: ValidationInfo) -> int:
+        limit = _settings(info).max_num_steps
+        if value > limit:
+            raise ValueError(f"at most {limit}")
+        return value
+
+    @field_validator("num_samples")
+    @classmethod
+    def _samples_limit(cls, value: int, info: ValidationInfo) -> int:
+        limit = _settings(info).max_num_samples
+        if value > limit:
+            raise ValueError(f"at most {limit}")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.lower().startswith(("http://", "https://")):
+            raise ValueError("must be an http or https URL")
+        return value
+
+    @model_validator(mode="after")
+    def _format_fits_input(self, info: ValidationInfo) -> JobParams:
+        context = info.context or {}
+        if self.output_format == "mp4" and context.get("input_kind") != "video":
+            raise ValueError("output_format mp4 needs a video upload")
+        return self
+
+
+def _settings(info: ValidationInfo) -> Settings:
+    context = info.context or {}
+    settings = context.get("settings")
+    if settings is None:
+        raise RuntimeError("JobParams are validated with the service settings as context")
+    return settings
+
+
+class EffectiveParams(BaseModel):
+    """The parameters a job runs with: the client's, completed with defaults and the drawn seed."""
+
+    prompt: str
+    negative_prompt: str
+    duration: float
+    num_steps: int
+    cfg_strength: float
+    seed: int
+    mask_away_clip: bool
+    num_samples: int
+    variant: str
+    output_format: ResultFormat
+
+
+class Progress(BaseModel):
+    stage: str = Field(description="queued, video, features, sampling, decoding, encoding or done.")
+    fraction: float = Field(description="Share of the stage done, 0 to 1.")
+
+
+class MediaSummary(BaseModel):
+    duration: float | None = None
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    codec: str | None = None
+    has_audio: bool | None = None
+
+
+class InputInfo(BaseModel):
+    kind: InputKind
+    filename: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    media: MediaSummary | None = None
+
+
+class WeightsInfo(BaseModel):
+    kind: str = Field(description="official or tiny")
+    random_weights: bool = Field(description="True for the tiny preset: random weights, not a real model.")
+    id: str | None = Field(None, description="Identity of the loaded weights (known once a worker runs the job).")
+    note: str | None = None
+
+
+class ModelInfo(BaseModel):
+    variant: str
+    weights: WeightsInfo
+
+
+class JobError(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+
+
+class ResultFile(BaseModel):
+    sample: int
+    format: ResultFormat
+    size: int | None = Field(description="Bytes; None until a converted format is first downloaded.")
+    href: str
+
+
+class ResultInfo(BaseModel):
+    duration: float = Field(description="Seconds of generated audio (a short video shortens the request).")
+    sample_rate: int
+    num_samples: int
+    formats: list[ResultFormat]
+    files: list[ResultFile]
+    expires_at: datetime
+
+
+class WebhookInfo(BaseModel):
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int = 0
+    last_error: str | None = None
+
+
+class Links(BaseModel):
+    self: str
+    events: str
+    cancel: str
+    result: str | None = None
+
+
+class Job(BaseModel):
+    id: str
+    status: JobStatus
+    queue_position: int | None = Field(None, description="1 = the next job a worker takes; only while queued.")
+    progress: Progress | None = None
+    cancel_requested: bool = False
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    timings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Seconds per stage: queue, input, model (the pipeline's own stages), encode, total.",
+    )
+    params: EffectiveParams
+    input: InputInfo
+    model: ModelInfo
+    result: ResultInfo | None = None
+    error: JobError | None = None
+    attempts: int = Field(0, description="Times a worker started this job (2 after a retry of an abandoned job).")
+    worker: str | None = None
+    webhook: WebhookInfo | None = None
+    links: Links
+
+
+class ProblemDetails(BaseModel):
+    """RFC 9457 problem details, the body of every error (media type application/problem+json)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None

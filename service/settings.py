@@ -1,0 +1,177 @@
+"""Every setting of the service, read from MMAUDIO_* environment variables (or a .env file).
+
+One object serves the API, the workers and the `serve` launcher, so a deployment configures all three the
+same way. Each field's description is the documentation: README's settings table is generated from it
+(`python -m service.settings` prints the table).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from model.weights import DEFAULT_WEIGHTS_DIR
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+Variant = Literal["small_16k", "small_44k", "medium_44k", "large_44k", "large_44k_v2"]
+
+
+def _split_list(value: object) -> object:
+    """Comma-separated environment values become lists; lists pass through."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MMAUDIO_", env_file=".env", extra="ignore")
+
+    # --- model --------------------------------------------------------------------------------------------------
+    variant: Variant = Field("large_44k_v2", description="Model variant a worker loads and the API's default.")
+    variants: Annotated[list[Variant], NoDecode] = Field(
+        default_factory=list,
+        description="Variants clients may ask for (comma-separated); each needs workers started with that "
+        "MMAUDIO_VARIANT. Empty: only `variant`.",
+    )
+    weights: Literal["official", "tiny"] = Field(
+        "official",
+        description="`official`: the released checkpoints (downloaded on first start). `tiny`: small random "
+        "weights, offline, for tests and demos; every job response says so.",
+    )
+    weights_dir: Path = Field(DEFAULT_WEIGHTS_DIR, description="Folder holding (or receiving) the official weights.")
+    device: str | None = Field(None, description="Torch device of the workers (`cuda`, `cuda:1`, `cpu`). Empty: auto.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Compute dtype of the workers. Empty: the pipeline's default for the device."
+    )
+    warmup: bool = Field(
+        True, description="A worker runs one short generation after loading, before it reports ready and takes jobs."
+    )
+    frame_path: Literal["exact", "fast"] = Field(
+        "exact",
+        description="Video frame resizing: `exact` reproduces the official frames; `fast` scales in libswscale "
+        "(several times cheaper, a few uint8 codes off).",
+    )
+
+    # --- processes ----------------------------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        description="Redis shared by the API and the workers. Empty: `serve` starts a local redis-server "
+        "(see `redis_port`, `data_dir`).",
+    )
+    redis_port: int = Field(6379, description="Port of the redis-server that `serve` starts when `redis_url` is empty.")
+    data_dir: Path = Field(Path("data"), description="Where `serve` keeps its redis-server's files.")
+    host: str = Field("0.0.0.0", description="Address the API listens on.")
+    port: int = Field(8000, description="Port the API listens on.")
+    workers: int = Field(1, ge=0, description="Worker processes `serve` starts next to the API.")
+    base_url: str | None = Field(
+        None, description="Public URL of the API used in links and webhooks (behind a proxy). Empty: from each request."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the API (comma-separated, `*` for any). Empty: no CORS.",
+    )
+
+    # --- access -------------------------------------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="SHA-256 hex digests of the accepted API keys (comma-separated, optionally `name:digest`). "
+        "With any key configured every /v1 call needs `Authorization: Bearer <key>`, and a key sees only its "
+        "own jobs.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File with more keys, one `digest` or `name:digest` per line (`#` starts a comment)."
+    )
+
+    # --- limits -------------------------------------------------------------------------------------------------
+    max_upload_bytes: int = Field(256 * 2**20, gt=0, description="Largest accepted upload; enforced while streaming.")
+    max_video_seconds: float = Field(600.0, gt=0, description="Longest accepted video.")
+    max_video_side: int = Field(4096, gt=0, description="Largest accepted width or height of a video or image.")
+    max_prompt_chars: int = Field(1000, gt=0, description="Longest accepted prompt or negative prompt.")
+    max_duration: float = Field(30.0, gt=0, description="Longest audio a job may ask for, in seconds.")
+    max_num_steps: int = Field(100, gt=0, description="Most sampling steps a job may ask for.")
+    max_num_samples: int = Field(4, gt=0, description="Most samples one job may ask for.")
+    max_queue: int = Field(100, gt=0, description="Queued jobs per variant beyond which submits get 429.")
+    max_wait_seconds: float = Field(60.0, ge=0, description="Cap on `Prefer: wait=N`.")
+
+    # --- jobs ---------------------------------------------------------------------------------------------------
+    job_timeout_seconds: float = Field(600.0, gt=0, description="A running job that takes longer fails (`timeout`).")
+    result_ttl_seconds: int = Field(3600, gt=0, description="How long finished jobs and their results are kept.")
+    upload_ttl_seconds: int = Field(
+        86400, gt=0, description="Safety expiry of uploads; they are deleted as soon as their job ends anyway."
+    )
+    retry_abandoned_jobs: bool = Field(
+        False,
+        description="A job whose worker died (no heartbeat) is queued once more instead of failing with `worker-lost`.",
+    )
+    worker_heartbeat_seconds: float = Field(5.0, gt=0, description="How often a worker renews its heartbeat.")
+    worker_ttl_seconds: float = Field(
+        30.0, gt=0, description="A worker silent this long is dead; its running job is abandoned."
+    )
+    maintenance_interval_seconds: float = Field(
+        1.0, gt=0, description="How often the API looks for abandoned jobs, due webhooks and expired files."
+    )
+
+    # --- storage ------------------------------------------------------------------------------------------------
+    storage: Literal["redis", "filesystem"] = Field(
+        "redis",
+        description="Where uploads and results live: `redis` (nothing shared but Redis) or `filesystem` "
+        "(a volume every API and worker mounts at `storage_dir`).",
+    )
+    storage_dir: Path = Field(Path("data/storage"), description="Root of the filesystem store.")
+
+    # --- webhooks -----------------------------------------------------------------------------------------------
+    webhook_secret: str | None = Field(
+        None,
+        description="Standard Webhooks signing secret (`whsec_<base64>`). Without it, jobs with a `webhook_url` "
+        "are refused.",
+    )
+    webhook_max_attempts: int = Field(6, gt=0, description="Deliveries tried per webhook before giving up.")
+    webhook_backoff_seconds: float = Field(
+        2.0, gt=0, description="Delay before the first retry; doubled after each failure."
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="Time a webhook receiver has to answer.")
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook URLs that resolve to loopback, private or link-local addresses."
+    )
+
+    @field_validator("variants", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_list(value)
+
+    @property
+    def redis_address(self) -> str:
+        """`redis_url`, or the local redis-server that `serve` starts."""
+        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def enabled_variants(self) -> list[str]:
+        return list(dict.fromkeys([self.variant, *self.variants]))
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def settings_table() -> str:
+    """A Markdown table of every setting: environment variable, default and description."""
+    rows = ["| Variable | Default | Description |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(default)
+        elif isinstance(default, Path) and default.is_relative_to(REPO_ROOT):
+            default = default.relative_to(REPO_ROOT)  # shown as the checkout-relative folder it is
+        shown = "" if default is None else str(default)
+        rows.append(f"| `MMAUDIO_{name.upper()}` | `{shown}` | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -1,0 +1,200 @@
+"""Turning a submit request into a queued job: validation, upload checks, idempotency, queue capacity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from redis import Redis
+
+from service import keys, queue, workers
+from service.inspection import inspect_upload
+from service.jobs import JobRecord, JobStore
+from service.problems import ProblemError
+from service.schemas import EffectiveParams, InputInfo, JobParams, JobStatus
+from service.settings import Settings
+from service.storage import BlobStore, upload_name
+from service.uploads import SubmitBody
+from service.webhooks import check_url
+
+RANDOM_SEED_BOUND = 2**31  # drawn seeds stay easy to read and to type back in
+DEFAULT_JOB_SECONDS = 10.0  # run time assumed for Retry-After before any job has finished
+PENDING = "pending"  # idempotency marker of a job still being created
+
+
+@dataclass(frozen=True)
+class Submitted:
+    record: JobRecord
+    replayed: bool  # True: an earlier request with the same Idempotency-Key made this job
+
+
+def validation_problem(err: ValidationError) -> ProblemError:
+    errors = [
+        {"loc": [str(part) for part in error["loc"]], "msg": error["msg"], "type": error["type"]}
+        for error in err.errors()
+    ]
+    return ProblemError(
+        "validation-error", "; ".join(f"{'.'.join(e['loc']) or 'body'}: {e['msg']}" for e in errors), errors=errors
+    )
+
+
+def estimate_wait_seconds(redis: Redis, settings: Settings, variant: str) -> int:
+    """Rough time until the queue of ``variant`` drains: depth x mean job time / live workers."""
+    mean = redis.hget(keys.JOB_SECONDS, variant)
+    per_job = float(mean) if mean else DEFAULT_JOB_SECONDS
+    serving = sum(1 for info in workers.live_workers(redis) if info["variant"] == variant and info["ready"])
+    return max(1, math.ceil(queue.depth(redis, variant) * per_job / max(serving, 1)))
+
+
+class Submitter:
+    def __init__(self, redis: Redis, settings: Settings, jobs: JobStore, store: BlobStore) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.jobs = jobs
+        self.store = store
+
+    def check_capacity(self, variant: str) -> None:
+        if queue.depth(self.redis, variant) >= self.settings.max_queue:
+            wait = estimate_wait_seconds(self.redis, self.settings, variant)
+            raise ProblemError(
+                "queue-full",
+                f"{self.settings.max_queue} jobs are already waiting for {variant}.",
+                {"Retry-After": str(wait)},
+                retry_after_seconds=wait,
+            )
+
+    def submit(self, owner: str, body: SubmitBody, idempotency_key: str | None, base_url: str) -> Submitted:
+        kind = body.file.field if body.file else "text"
+        try:
+            params = JobParams.model_validate(body.fields, context={"settings": self.settings, "input_kind": kind})
+        except ValidationError as err:
+            raise validation_problem(err) from err
+        variant = params.variant or self.settings.variant
+        if variant not in self.settings.enabled_variants:
+            raise ProblemError(
+                "variant-unavailable", f"Variants served here: {', '.join(self.settings.enabled_variants)}."
+            )
+        if params.webhook_url is not None:
+            if not self.settings.webhook_secret:
+                raise ProblemError("webhooks-disabled", "Set MMAUDIO_WEBHOOK_SECRET to enable webhooks.")
+            try:
+                check_url(params.webhook_url, self.settings.webhook_allow_private)
+            except ValueError as err:
+                raise ProblemError("validation-error", str(err)) from err
+
+        input_info = InputInfo(kind=kind)
+        if body.file is not None:
+            media = inspect_upload(body.file.path, body.file.field, self.settings)
+            input_info = InputInfo(
+                kind=kind, filename=body.file.filename, size=body.file.size, sha256=body.file.sha256, media=media
+            )
+
+        job_id = str(uuid.uuid4())
+        idem_key, fingerprint = None, ""
+        if idempotency_key is not None:
+            fingerprint = hashlib.sha256(
+                json.dumps([params.model_dump(mode="json"), kind, input_info.sha256], sort_keys=True).encode()
+            ).hexdigest()
+            idem_key = keys.idempotency(owner, hashlib.sha256(idempotency_key.encode()).hexdigest())
+            earlier = self._claim_idempotency_key(idem_key, fingerprint, job_id)
+            if earlier is not None:
+                return Submitted(earlier, replayed=True)
+
+        try:
+            self.check_capacity(variant)
+            record = self._create(job_id, owner, params, variant, input_info, body, base_url)
+        except BaseException:
+            if idem_key is not None:
+                self.redis.delete(idem_key)
+            raise
+        if idem_key is not None:
+            self.redis.set(
+                idem_key,
+                json.dumps({"fingerprint": fingerprint, "job_id": job_id, "state": "created"}),
+                ex=self.settings.upload_ttl_seconds + self.settings.result_ttl_seconds,
+            )
+        return Submitted(record, replayed=False)
+
+    def _claim_idempotency_key(self, idem_key: str, fingerprint: str, job_id: str) -> JobRecord | None:
+        """Reserve the key for ``job_id``; returns the earlier job when the same request was already made."""
+        marker = json.dumps({"fingerprint": fingerprint, "job_id": job_id, "state": PENDING})
+        ttl = self.settings.upload_ttl_seconds + self.settings.result_ttl_seconds
+        for _ in range(2):  # a second round after clearing a key whose job has expired
+            if self.redis.set(idem_key, marker, nx=True, ex=ttl):
+                return None
+            raw = self.redis.get(idem_key)
+            if raw is None:
+                continue
+            earlier = json.loads(raw)
+            if earlier["fingerprint"] != fingerprint:
+                raise ProblemError(
+                    "idempotency-key-reused", "This Idempotency-Key was sent with different parameters or file."
+                )
+            if earlier["state"] == PENDING:
+                raise ProblemError("idempotency-in-progress", "Retry in a moment.", {"Retry-After": "1"})
+            record = self.jobs.get(earlier["job_id"])
+            if record is not None:
+                return record
+            self.redis.delete(idem_key)
+        raise ProblemError("idempotency-in-progress", "Retry in a moment.", {"Retry-After": "1"})
+
+    def _expected_weights(self) -> dict:
+        """The weights the deployment is configured with; the worker replaces this with what it loaded."""
+        kind = self.settings.weights
+        return {"kind": kind, "random_weights": kind == "tiny", "id": None}
+
+    def _create(
+        self,
+        job_id: str,
+        owner: str,
+        params: JobParams,
+        variant: str,
+        input_info: InputInfo,
+        body: SubmitBody,
+        base_url: str,
+    ) -> JobRecord:
+        seed = params.seed if params.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
+        effective = EffectiveParams(
+            **params.model_dump(exclude={"seed", "variant", "output_format", "webhook_url"}),
+            seed=seed,
+            variant=variant,
+            output_format=params.output_format or ("mp4" if input_info.kind == "video" else "flac"),
+        )
+        upload = None
+        if body.file is not None:
+            upload = upload_name(job_id)
+            self.store.put_file(upload, body.file.path, self.settings.upload_ttl_seconds)
+        record = JobRecord(
+            id=job_id,
+            owner=owner,
+            status=JobStatus.queued,
+            created_at=time.time(),
+            params=effective.model_dump(mode="json"),
+            input=input_info.model_dump(mode="json"),
+            model={
+                "variant": variant,
+                "weights": {
+                    "kind": self.settings.weights,
+                    "random_weights": self.settings.weights == "tiny",
+                    "id": None,
+                },
+            },
+            upload=upload,
+            progress={"stage": "queued", "fraction": 0.0},
+            webhook=None
+            if params.webhook_url is None
+            else {"url": params.webhook_url, "status": "pending", "attempts": 0, "base_url": base_url},
+        )
+        try:
+            self.jobs.create(record)
+        except BaseException:
+            if upload is not None:
+                self.store.delete(upload)
+            raise
+        return record

@@ -1,0 +1,3 @@
+from service.worker.runtime import main
+
+main()

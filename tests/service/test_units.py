@@ -1,0 +1,91 @@
+"""The service's pure parts, without any process: settings, keys, ranges, webhook URL checks."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from service.api.ranges import byte_range, content_disposition
+from service.auth import ANONYMOUS, KeyRing
+from service.problems import ProblemError
+from service.settings import Settings, settings_table
+from service.uploads import safe_filename
+from service.webhooks import check_url, signature
+
+
+def test_every_setting_is_documented() -> None:
+    table = settings_table()
+    for name, field in Settings.model_fields.items():
+        assert field.description, name
+        assert f"`MMAUDIO_{name.upper()}`" in table
+
+
+def test_settings_read_lists_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMAUDIO_VARIANTS", "small_16k, large_44k")
+    monkeypatch.setenv("MMAUDIO_VARIANT", "small_16k")
+    settings = Settings(_env_file=None)
+    assert settings.enabled_variants == ["small_16k", "large_44k"]
+    assert settings.redis_address == "redis://127.0.0.1:6379/0"
+
+
+def test_keyring_from_settings_and_file(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"first").hexdigest()
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# comment\n\nteam:{hashlib.sha256(b'second').hexdigest()}  # trailing\n")
+    ring = KeyRing.from_settings(Settings(_env_file=None, api_keys=[digest], api_keys_file=keys_file))
+    assert ring.owner("Bearer first") == digest[:12]
+    assert ring.owner("bearer second") == "team"
+    for header in (None, "Bearer", "Basic Zmlyc3Q=", "Bearer third"):
+        with pytest.raises(ProblemError) as refused:
+            ring.owner(header)
+        assert refused.value.problem.status == 401
+    assert KeyRing({}).owner(None) == ANONYMOUS
+    with pytest.raises(ValueError):
+        KeyRing.from_settings(Settings(_env_file=None, api_keys=["not-a-digest"]))
+
+
+def test_byte_ranges() -> None:
+    assert byte_range(None, 10) is None
+    assert byte_range("bytes=2-4", 10) == (2, 4)
+    assert byte_range("bytes=2-", 10) == (2, 9)
+    assert byte_range("bytes=-3", 10) == (7, 9)
+    assert byte_range("bytes=-30", 10) == (0, 9)
+    assert byte_range("bytes=5-400", 10) == (5, 9)
+    assert byte_range("bytes=4-2", 10) is None  # invalid: the whole file
+    assert byte_range("bytes=0-1,4-5", 10) is None  # several ranges: the whole file
+    for unsatisfiable in ("bytes=10-", "bytes=-0"):
+        with pytest.raises(ProblemError) as refused:
+            byte_range(unsatisfiable, 10)
+        assert refused.value.headers["Content-Range"] == "bytes */10"
+
+
+def test_download_names_are_harmless() -> None:
+    assert safe_filename("../../etc/passwd") == "passwd"
+    assert safe_filename("C:\\videos\\my clip (1).mp4") == "my_clip_1_.mp4"
+    assert safe_filename("..") is None
+    assert content_disposition("été.mp4") == "attachment; filename=\"_t_.mp4\"; filename*=UTF-8''%C3%A9t%C3%A9.mp4"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1/hook", "http://10.1.2.3/x", "http://169.254.169.254/latest", "http://[::1]:80/"]
+)
+def test_webhooks_to_internal_addresses_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        check_url(url, allow_private=False)
+    check_url(url, allow_private=True)
+
+
+def test_webhook_urls_need_http() -> None:
+    for url in ("ftp://example.com/x", "file:///etc/passwd", "http:///nohost"):
+        with pytest.raises(ValueError):
+            check_url(url, allow_private=True)
+
+
+def test_webhook_signature_matches_the_standard_webhooks_example() -> None:
+    # the example of the Standard Webhooks specification (github.com/standard-webhooks/standard-webhooks)
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = b'{"test": 2432232314}'
+    expected = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    assert signature(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body) == expected
