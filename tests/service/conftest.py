@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -30,6 +31,11 @@ from service_harness import (
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server: the one scripts/test (CI) started, or one of our own on a free port."""
+    given = os.environ.get("MMAUDIO_TEST_REDIS_URL")
+    if given:
+        yield given.rstrip("/")
+        return
     folder = tmp_path_factory.mktemp("redis")
     port = free_port()
     command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""]
