@@ -310,6 +310,7 @@ class Pipeline:
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Decode the request's video or image (CPU only) and fix its effective duration."""
+        validate(request)
         if request.video is not None and request.image is not None:
             raise ValueError("give a video or an image, not both")
         start = time.perf_counter()
@@ -427,29 +428,35 @@ class Pipeline:
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         return self.generate_batch([request], progress)[0]
 
-    @torch.inference_mode()
     def generate_batch(
         self, requests: Sequence[GenerationRequest], progress: Progress | None = None
     ) -> list[GenerationResult]:
         """Results in request order; requests with equal lengths and step counts share one batched pass."""
         report = progress or (lambda stage, fraction: None)
-        start = time.perf_counter()
         prepared = []
         for i, request in enumerate(requests):
-            validate(request)
             prepared.append(self.prepare(request))
             report("video", (i + 1) / len(requests))
+        return self.generate_prepared(prepared, report)
+
+    @torch.inference_mode()
+    def generate_prepared(
+        self, prepared: Sequence[PreparedRequest], progress: Progress | None = None
+    ) -> list[GenerationResult]:
+        """The GPU part for requests already prepared (a worker decodes the next jobs while this runs)."""
+        report = progress or (lambda stage, fraction: None)
+        start = time.perf_counter()
         groups: dict[tuple[SequenceLengths, int], list[int]] = {}
         for i, p in enumerate(prepared):
             groups.setdefault(p.batch_key, []).append(i)
-        results: list[GenerationResult | None] = [None] * len(requests)
+        results: list[GenerationResult | None] = [None] * len(prepared)
         for indices in groups.values():
             batch = [prepared[i] for i in indices]
             for i, result in zip(indices, self._generate_group(batch, report), strict=True):
                 results[i] = result
-        total = time.perf_counter() - start
-        for result in results:
-            result.metadata["timings"]["total"] = total
+        elapsed = time.perf_counter() - start
+        for p, result in zip(prepared, results, strict=True):
+            result.metadata["timings"]["total"] = p.decode_seconds + elapsed
         return results
 
     def _generate_group(self, batch: Sequence[PreparedRequest], report: Progress) -> list[GenerationResult]:
