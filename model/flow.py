@@ -57,7 +57,7 @@ class FlowConfig:
 
     @property
     def time_frequency_dim(self) -> int:
-        return self.hidden_dim if self.v2 else 256
+        return self.hidden_dim if self.v2 else 256  # v1: DiT's 256 sinusoids
 
     @property
     def time_max_period(self) -> float:
@@ -90,7 +90,7 @@ class ChannelLastConv1d(nn.Conv1d):
         super().__init__(in_dim, out_dim, kernel_size, padding=kernel_size // 2, bias=bias)
         # Same shape, but laid out (out, kernel, in) in memory, like the activations: cuDNN's channel-last kernels
         # then take both as they are instead of converting weight and input layouts at every call (on an H100
-        # those conversions were ~40% of a sampling step).  Loading copies values into this layout.
+        # those conversions took over half of the GPU time of a sampling step).  Loading copies values in.
         self.weight = nn.Parameter(self.weight.new_empty(out_dim, kernel_size, in_dim).transpose(1, 2))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -145,11 +145,11 @@ T = TypeVar("T")
 
 
 class DerivedTables:
-    """float32 constants derived from sizes (RoPE angles, time frequencies), keyed by what they depend on.
+    """Constants derived from sizes (RoPE rotations, time frequencies, sync token map), keyed by what they depend on.
 
-    Kept out of the state dict so that .to(bfloat16) cannot round them and so that a request's sequence
-    lengths never become model state.  Built outside inference mode so a table made while serving stays
-    usable in any later autograd mode.
+    Kept out of the state dict so that .to(bfloat16) cannot round them (they stay float32 / complex64) and so
+    that a request's sequence lengths never become model state.  Built outside inference mode so that a table
+    made while serving stays usable in any later autograd mode.
     """
 
     def __init__(self) -> None:

@@ -8,6 +8,7 @@ paths, loading errors and bfloat16.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import fields, replace
 
 import pytest
@@ -29,7 +30,7 @@ LONG = (27, 7, 24)
 
 
 @pytest.fixture(autouse=True)
-def _inference() -> None:
+def _inference() -> Iterator[None]:
     with torch.inference_mode():
         yield
 

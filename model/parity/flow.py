@@ -6,9 +6,9 @@ import functools
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from model.flow import FLOW_CONFIGS, Conditions, FlowNetwork
+from model.flow import FLOW_CONFIGS, ChannelLastConv1d, Conditions, FlowNetwork
 from model.parity.harness import Fixture
 from model.sampler import euler_sample
 
@@ -31,7 +31,12 @@ def _sgemm_convolutions(runner: Callable[[Fixture], dict[str, Tensor]]) -> Calla
 
 def _network(fixture: Fixture) -> FlowNetwork:
     variant = fixture.config["variant"]
-    return FlowNetwork.from_state_dict(FLOW_CONFIGS[variant], fixture.weights(), source=f"fixture weights ({variant})")
+    net = FlowNetwork.from_state_dict(FLOW_CONFIGS[variant], fixture.weights(), source=f"fixture weights ({variant})")
+    # Contiguous convolution weights, as the reference holds them: the CPU convolution then sums in the reference's
+    # order (our channel-last layout is for cuDNN) and the projected conditions reproduce bit for bit.
+    for conv in (m for m in net.modules() if isinstance(m, ChannelLastConv1d)):
+        conv.weight = nn.Parameter(conv.weight.contiguous(), requires_grad=False)
+    return net
 
 
 def _features(fixture: Fixture) -> tuple[Tensor, Tensor, Tensor]:
