@@ -28,6 +28,7 @@ from model import weights as official_files
 from model.checkpoint import read_state_dict
 from model.clip import ClipConfig, ClipEncoder, load_clip
 from model.flow import FLOW_CONFIGS, Conditions, FlowNetwork
+from model.graphs import GraphedEulerSampler
 from model.recipe import synth_module_state_dict
 from model.sampler import euler_sample
 from model.sequence import (
@@ -193,6 +194,7 @@ class Pipeline:
         dtype: torch.dtype = torch.float32,
         frame_path: FramePath = "exact",
         encoder_chunk: int = 64,
+        cuda_graphs: bool = True,
     ) -> None:
         self.architecture = architecture
         self.variant = architecture.variant
@@ -207,6 +209,8 @@ class Pipeline:
             m.to(self.device, dtype).eval() for m in (flow, clip, synchformer, vae, vocoder)
         )
         self._text_cache: dict[str, Tensor] = {}
+        # kernel launches, not arithmetic, bound the flow network on a GPU: replay captured steps there
+        self.graphed_sampler = GraphedEulerSampler(self.flow) if cuda_graphs and self.device.type == "cuda" else None
 
     @property
     def weights_kind(self) -> WeightsKind:
@@ -223,12 +227,13 @@ class Pipeline:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         frame_path: FramePath = "exact",
+        cuda_graphs: bool = True,
     ) -> Pipeline:
         """Official weights from ``weights_dir`` (model.weights lays them out), or the ``tiny`` random preset."""
         device = device or _default_device()
         dtype = dtype or _default_dtype(device)
         if weights == "tiny":
-            return cls.tiny(variant, device=device, dtype=dtype, frame_path=frame_path)
+            return cls.tiny(variant, device=device, dtype=dtype, frame_path=frame_path, cuda_graphs=cuda_graphs)
         if weights != "official":
             raise ValueError(f"weights must be 'official' or 'tiny', not {weights!r}")
         _flow_config(variant)
@@ -245,7 +250,9 @@ class Pipeline:
         flow_file = manifest.files[manifest.variants[variant]["flow"]]
         # the published md5 of the flow checkpoint names the weights (verify() checks the files against it)
         info = {"kind": "official", "random_weights": False, "id": f"{flow_file.file}:{flow_file.md5}"}
-        return cls.from_files(arch, paths, info, device=device, dtype=dtype, frame_path=frame_path)
+        return cls.from_files(
+            arch, paths, info, device=device, dtype=dtype, frame_path=frame_path, cuda_graphs=cuda_graphs
+        )
 
     @classmethod
     def from_files(
@@ -414,6 +421,9 @@ class Pipeline:
     ) -> Tensor:
         """Guided Euler sampling from x0 (N, L, D); returns the normalised latents at t = 1."""
         cond, uncond = self.conditions(features, x0.shape[1])
+        if self.graphed_sampler is not None:
+            cfg = torch.as_tensor(cfg_strength, dtype=torch.float32)
+            return self.graphed_sampler.sample(x0, cond, uncond, cfg, num_steps, on_step)
         return euler_sample(
             lambda t, x: self.flow.guided_flow(t, x, cond, uncond, cfg_strength), x0, num_steps, on_step
         )
