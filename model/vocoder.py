@@ -30,10 +30,10 @@ from model.sequence import AUDIO_16K, AUDIO_44K
 RESAMPLE_TAPS = 12
 LOWPASS_CUTOFF = 0.25
 LOWPASS_HALF_WIDTH = 0.3
-UPSAMPLE_PAD = RESAMPLE_TAPS // 2 - 1  # replicate padding (input samples) so the edges get full support
-UPSAMPLE_CROP = 2 * UPSAMPLE_PAD + (RESAMPLE_TAPS - 2) // 2  # per side, brings the length back to 2 T
-DOWNSAMPLE_PAD = (RESAMPLE_TAPS // 2 - 1, RESAMPLE_TAPS // 2)  # even taps: the filter centre is off by half
+PHASE_TAPS = RESAMPLE_TAPS // 2  # an x2 polyphase split leaves this many taps per phase
+EDGE = PHASE_TAPS - 1  # replicate padding (samples) of the upsampler's input and before the downsampler's input
 SNAKE_EPS = 1e-9
+assert EDGE == 5, "Upsample2x's phase-plane layout is worked out for 12 taps"
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,9 @@ class VocoderConfig:
         return self.initial_channels // 2 ** (stage + 1)
 
     def tiny(self) -> VocoderConfig:
-        """Narrow copy with the same upsampling (same hop and sampling rate) for the offline preset and tests."""
-        return replace(self, initial_channels=4 * 2 ** len(self.upsample_rates))
+        """Narrow copy with the same upsampling (same hop and sampling rate) for the offline preset and tests:
+        one channel in the last stage, where the signal is longest."""
+        return replace(self, initial_channels=2 ** len(self.upsample_rates))
 
     @classmethod
     def from_bigvgan_json(cls, h: Mapping[str, Any]) -> VocoderConfig:
@@ -126,37 +127,80 @@ def lowpass_taps() -> torch.Tensor:
     return (taps / taps.sum()).view(1, 1, RESAMPLE_TAPS)
 
 
+def upsample_phase_filters(taps: torch.Tensor) -> torch.Tensor:
+    """(2, PHASE_TAPS) filters giving the odd (row 0) and even (row 1) samples of the x2 upsampled signal.
+
+    Upsampling is zero-stuffing then the low-pass (a transposed conv, i.e. a correlation with the flipped
+    taps) with a gain of 2 for the energy the zeros take: every output sample only meets every other tap.
+    """
+    flipped = 2 * taps.flatten().flip(0)
+    return flipped.view(PHASE_TAPS, 2).T.flip(0)
+
+
+def downsample_phase_filters(taps: torch.Tensor) -> torch.Tensor:
+    """(2, PHASE_TAPS): the low-pass taps that meet the even (row 0) and the odd (row 1) input samples."""
+    return taps.flatten().view(PHASE_TAPS, 2).T
+
+
 class Upsample2x(nn.Module):
-    def __init__(self) -> None:
+    """x (B, C, T) -> the x2 low-passed signal y (2T samples) as the downsampler wants it: replicate-padded
+    by EDGE samples at both ends and split into its even and odd samples, planes (B, C, 2, T + EDGE) with
+    planes[..., p, i] = padded_y[2 i + p].
+
+    Computed as two short filters on the input (polyphase) instead of a transposed conv over a signal
+    that is half zeros, and laid out so that the downsampler is a plain (2 x PHASE_TAPS) depthwise conv.
+    """
+
+    def __init__(self, channels: int) -> None:
         super().__init__()
         self.register_buffer("filter", lowpass_taps())
+        self.register_buffer("phase_filters", torch.empty(2 * channels, 1, PHASE_TAPS), persistent=False)
+        self.derive_constants()
+
+    @torch.no_grad()
+    def derive_constants(self) -> None:
+        channels = self.phase_filters.shape[0] // 2
+        self.phase_filters.copy_(upsample_phase_filters(self.filter).repeat(channels, 1).unsqueeze(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels = x.shape[1]
-        x = F.pad(x, (UPSAMPLE_PAD, UPSAMPLE_PAD), mode="replicate")
-        # zero-stuffing halves the energy per sample: the gain of 2 restores it
-        x = 2 * F.conv_transpose1d(x, self.filter.expand(channels, -1, -1), stride=2, groups=channels)
-        return x[..., UPSAMPLE_CROP:-UPSAMPLE_CROP]
+        batch, channels, length = x.shape
+        x = F.pad(x, (EDGE, EDGE), mode="replicate")
+        # padded_y[2i] = y[2i - 5] (odd samples) and padded_y[2i + 1] = y[2i - 4] (even samples) both need the
+        # input window x[i - 5 : i + 1], i.e. padded x[i : i + PHASE_TAPS]: one conv, two filters per channel
+        planes = F.conv1d(x, self.phase_filters, groups=channels).view(batch, channels, 2, length + EDGE)
+        # the first and last EDGE samples of padded_y repeat y[0] = padded_y[5] and y[2T - 1] = padded_y[2T + 4]
+        first, last = planes[..., 1, 2:3], planes[..., 0, length + 2 : length + 3]
+        planes[..., 0, :3] = first  # padded_y[0, 2, 4]
+        planes[..., 1, :2] = first  # padded_y[1, 3]
+        planes[..., 0, length + 3 :] = last  # padded_y[2T + 6, 2T + 8]
+        planes[..., 1, length + 2 :] = last  # padded_y[2T + 5, 2T + 7, 2T + 9]
+        return planes
 
 
 class LowPass2x(nn.Module):
-    def __init__(self) -> None:
+    """Low-pass and keep every other sample: padded planes (B, C, 2, T + EDGE) -> (B, C, T)."""
+
+    def __init__(self, channels: int) -> None:
         super().__init__()
         self.register_buffer("filter", lowpass_taps())
+        self.register_buffer("phase_filters", torch.empty(channels, 1, 2, PHASE_TAPS), persistent=False)
+        self.derive_constants()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels = x.shape[1]
-        x = F.pad(x, DOWNSAMPLE_PAD, mode="replicate")
-        return F.conv1d(x, self.filter.expand(channels, -1, -1), stride=2, groups=channels)
+    @torch.no_grad()
+    def derive_constants(self) -> None:
+        self.phase_filters.copy_(downsample_phase_filters(self.filter).expand_as(self.phase_filters))
+
+    def forward(self, planes: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(planes, self.phase_filters, groups=planes.shape[1]).squeeze(2)
 
 
 class Downsample2x(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.lowpass = LowPass2x()  # the extra level gives the official key name downsample.lowpass.filter
+        self.lowpass = LowPass2x(channels)  # the extra level gives the official key name downsample.lowpass.filter
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lowpass(x)
+    def forward(self, planes: torch.Tensor) -> torch.Tensor:
+        return self.lowpass(planes)
 
 
 class SnakeBeta(nn.Module):
@@ -166,11 +210,21 @@ class SnakeBeta(nn.Module):
         super().__init__()
         self.alpha = nn.Parameter(torch.empty(channels))
         self.beta = nn.Parameter(torch.empty(channels))
+        # a and 1 / (b + eps), derived once from the loaded parameters; shaped for (B, C, 2, L) planes
+        self.register_buffer("frequency", torch.empty(channels, 1, 1), persistent=False)
+        self.register_buffer("inverse_magnitude", torch.empty(channels, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def derive_constants(self) -> None:
+        self.frequency.copy_(self.alpha.exp().view_as(self.frequency))
+        self.inverse_magnitude.copy_((1.0 / (self.beta.exp() + SNAKE_EPS)).view_as(self.inverse_magnitude))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frequency = self.alpha.exp()[:, None]
-        magnitude = self.beta.exp()[:, None]
-        return x + 1.0 / (magnitude + SNAKE_EPS) * torch.sin(x * frequency).pow(2)
+        """Overwrites and returns x (B, C, ...): callers pass a temporary of their own."""
+        wave = x * self.frequency
+        wave.sin_()
+        wave.mul_(wave)
+        return x.addcmul_(wave, self.inverse_magnitude)
 
 
 class AntiAliasedSnakeBeta(nn.Module):
@@ -179,10 +233,11 @@ class AntiAliasedSnakeBeta(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.act = SnakeBeta(channels)
-        self.upsample = Upsample2x()
-        self.downsample = Downsample2x()
+        self.upsample = Upsample2x(channels)
+        self.downsample = Downsample2x(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the activation is pointwise, so it commutes with the replicate padding the upsampler adds
         return self.downsample(self.act(self.upsample(x)))
 
 
@@ -247,9 +302,11 @@ class BigVGAN(nn.Module):
             in_channels = out_channels
         self.activation_post = AntiAliasedSnakeBeta(in_channels)
         self.conv_post = weight_norm(nn.Conv1d(in_channels, 1, k, padding=k // 2, bias=config.final_bias))
+        self.weights_folded = False
 
     def load_official(self, state_dict: Mapping[str, torch.Tensor], source: str = "vocoder checkpoint") -> None:
-        """Strictly load a generator state dict (either weight-norm naming) into a fresh module, then fold g, v.
+        """Strictly load a generator state dict (either weight-norm naming) into a fresh module, then fold g, v
+        and derive the activations' constants (exp of the log-scale parameters, polyphase filters).
 
         Load into a float32 module and cast afterwards: the reference folds the weights in float32.
         """
@@ -257,9 +314,14 @@ class BigVGAN(nn.Module):
         for module in list(self.modules()):
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight")
+            if isinstance(module, (SnakeBeta, Upsample2x, LowPass2x)):
+                module.derive_constants()
+        self.weights_folded = True
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, n_mels, T) -> (B, 1, T * hop)."""
+        if not self.weights_folded:
+            raise RuntimeError("BigVGAN weights are not folded: load them with load_official()")
         x = self.conv_pre(mel)
         blocks_per_stage = len(self.config.resblock_kernel_sizes)
         for stage, (upsample,) in enumerate(self.ups):

@@ -1,0 +1,232 @@
+"""Every GPU measurement of issue 4 in one run (under 8 minutes on one H100), printed and written as JSON.
+
+    .venv/bin/python -m bench.gpu_all --out gpu_all.json                    # on the GPU machine
+    .venv/bin/python -m bench.gpu_all --out /tmp/smoke.json --device cpu --smoke  # code paths, tiny sizes
+
+1. Timings: small_16k and large_44k_v2, bf16, 8 s from a generated mp4, 25 steps, cfg 4.5, random
+   full-size weights, batch 1 and batch 8: seconds per stage and peak GPU memory (bench.pipeline),
+   with the official code's numbers in brackets.
+2. bf16 against fp32 on identical inputs (the same weights, the frames of the same video, the same
+   float32 noise): relative L2 error of the encoder features, the first guided velocity, the sampled
+   latents, the mel and the waveform (issue 4: the output within 2e-2 of fp32), and of the waveform
+   that the bf16 VAE and vocoder make from the fp32 latents (the decoders' own share).
+
+The JSON is rewritten after every measurement, so a run cut short still leaves what it measured;
+measurements that would start after --time-limit seconds are skipped and listed as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bench.pipeline import (
+    Measurement,
+    architecture,
+    as_json,
+    batch_requests,
+    machine,
+    make_clip,
+    measure,
+    official_reference,
+    random_pipeline,
+    table,
+)
+from model.pipeline import Pipeline, PreparedRequest
+
+BF16_TOLERANCE = 2e-2  # issue 4: relative to fp32
+LATENCY_TARGETS = {"large_44k_v2": 0.45, "small_16k": 0.3}  # issue 4: seconds of model time at batch 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    variants: tuple[str, ...] = ("small_16k", "large_44k_v2")
+    batches: tuple[int, ...] = (1, 8)
+    duration: float = 8.0
+    steps: int = 25
+    cfg: float = 4.5
+    warmup: int = 1
+    repeats: int = 3
+    tiny: bool = False  # the tiny architecture: a quick check of this script's code paths
+
+
+SMOKE = Plan(batches=(1, 2), duration=1.0, steps=2, warmup=0, repeats=1, tiny=True)
+
+
+class Record:
+    """The results so far, rewritten to ``path`` after every change."""
+
+    def __init__(self, path: Path, **header: Any) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {**header, "timings": {}, "bf16_vs_fp32": {}, "skipped": []}
+        self.save()
+
+    def add(self, section: str, key: str, value: Any) -> None:
+        self.data[section][key] = value
+        self.save()
+
+    def skip(self, what: str) -> None:
+        print(f"skipped (time limit): {what}", flush=True)
+        self.data["skipped"].append(what)
+        self.save()
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 against fp32
+
+
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """cuBLAS and cuDNN without TF32 inside: a true float32 reference."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+@torch.inference_mode()
+def stage_outputs(pipe: Pipeline, prepared: PreparedRequest, noise: Tensor, plan: Plan) -> dict[str, Tensor]:
+    features = pipe.encode([prepared])
+    velocities: list[Tensor] = []
+
+    def keep_first_velocity(step: int, t: Tensor, x: Tensor, velocity: Tensor) -> None:
+        if step == 0:
+            velocities.append(velocity)
+
+    latents = pipe.sample(features, noise.to(pipe.dtype), plan.steps, plan.cfg, keep_first_velocity)
+    mel, waveform = pipe.decode(latents)
+    return {
+        "clip features": features.clip,
+        "sync features": features.sync,
+        "text features": features.text,
+        "first velocity": velocities[0],
+        "latents": latents,
+        "mel": mel,
+        "waveform": waveform,
+    }
+
+
+def bf16_against_fp32(bf16: Pipeline, fp32: Pipeline, video: Path, plan: Plan) -> dict[str, float]:
+    """Relative L2 error of each stage's bf16 output against fp32 (pipelines with the same weights), same inputs."""
+    request = batch_requests(1, plan.duration, plan.steps, plan.cfg, video, "precision")[0]
+    prepared = fp32.prepare(request)
+    noise = fp32.initial_noise([prepared])  # float32, given to both
+    with exact_float32():
+        expected = stage_outputs(fp32, prepared, noise, plan)
+    actual = stage_outputs(bf16, prepared, noise, plan)
+    errors = {key: relative_error(actual[key], expected[key]) for key in expected}
+    # the decoders' own share: bf16 VAE and vocoder on the fp32 latents
+    with torch.inference_mode():
+        _, waveform = bf16.decode(expected["latents"].to(bf16.dtype))
+    errors["waveform from fp32 latents"] = relative_error(waveform, expected["waveform"])
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Column:
+    variant: str
+    measurement: Measurement
+
+
+def print_summary(columns: dict[str, Column], precision: dict[str, dict[str, float]], plan: Plan) -> None:
+    if columns:
+        official = None
+        if not plan.tiny:
+            official = {name: official_reference(c.variant, c.measurement.batch) for name, c in columns.items()}
+            print("\n(in brackets: the official code on an H100, issue 4)")
+        print(f"seconds, median of {plan.repeats}")
+        print(table({name: c.measurement for name, c in columns.items()}, official))
+        for name, c in columns.items():
+            target = LATENCY_TARGETS.get(c.variant)
+            if c.measurement.batch == 1 and target and not plan.tiny:
+                verdict = "met" if c.measurement.model <= target else "NOT met"
+                print(f"{name}: model {c.measurement.model:.3f} s, target <= {target} s {verdict}")
+    for variant, errors in precision.items():
+        print(f"\nbf16 vs fp32, {variant}, relative L2 error (target: output within {BF16_TOLERANCE:g})")
+        for stage, error in errors.items():
+            print(f"  {stage:26s} {error:.2e}")
+
+
+def run(plan: Plan, device: str, out: Path, time_limit: float) -> None:
+    start = time.perf_counter()
+    record = Record(out, machine=machine(device), plan=asdict(plan), device=device, time_limit_s=time_limit)
+    columns: dict[str, Column] = {}
+    precision: dict[str, dict[str, float]] = {}
+
+    def time_left(what: str) -> bool:
+        if time.perf_counter() - start < time_limit:
+            print(f"[{time.perf_counter() - start:6.1f} s] {what}", flush=True)
+            return True
+        record.skip(what)
+        return False
+
+    with tempfile.TemporaryDirectory() as tmp:
+        video = make_clip(Path(tmp), plan.duration)
+        for variant in plan.variants:
+            arch = architecture(variant, plan.tiny)
+            if not time_left(f"{variant}: building the bf16 pipeline"):
+                continue
+            pipe = random_pipeline(arch, device, torch.bfloat16)
+            for batch in plan.batches:
+                name = f"{variant} b{batch}"
+                if not time_left(f"{name}: timings"):
+                    continue
+                measurement = measure(
+                    pipe,
+                    lambda tag, b=batch: batch_requests(b, plan.duration, plan.steps, plan.cfg, video, tag),
+                    plan.warmup,
+                    plan.repeats,
+                )
+                columns[name] = Column(variant, measurement)
+                official = None if plan.tiny else official_reference(variant, batch)
+                record.add("timings", name, {**as_json(measurement), "official_h100": official})
+            if time_left(f"{variant}: bf16 vs fp32"):
+                reference = random_pipeline(arch, device, torch.float32)  # the same seed: the same weights
+                precision[variant] = bf16_against_fp32(pipe, reference, video, plan)
+                record.add("bf16_vs_fp32", variant, precision[variant])
+                del reference
+            del pipe
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    record.data["wall_s"] = time.perf_counter() - start
+    record.save()
+    print_summary(columns, precision, plan)
+    print(f"\n{json.dumps(record.data['machine'])}\nwritten {out} after {record.data['wall_s']:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 s, 2 steps, batch 1 and 2")
+    parser.add_argument("--time-limit", type=float, default=420.0, help="start no measurement after this (s)")
+    args = parser.parse_args()
+    run(SMOKE if args.smoke else Plan(), args.device, args.out, args.time_limit)
+
+
+if __name__ == "__main__":
+    main()
