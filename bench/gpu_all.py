@@ -50,7 +50,7 @@ LATENCY_TARGETS = {"large_44k_v2": 0.45, "small_16k": 0.3}  # issue 4: seconds o
 
 @dataclass(frozen=True)
 class Plan:
-    variants: tuple[str, ...] = ("small_16k", "large_44k_v2")
+    variants: tuple[str, ...] = ("large_44k_v2", "small_16k")
     batches: tuple[int, ...] = (1, 8)
     duration: float = 8.0
     steps: int = 25
@@ -68,7 +68,7 @@ class Record:
 
     def __init__(self, path: Path, **header: Any) -> None:
         self.path = path
-        self.data: dict[str, Any] = {**header, "timings": {}, "bf16_vs_fp32": {}, "skipped": []}
+        self.data: dict[str, Any] = {**header, "timings": {}, "cuda_graphs": {}, "bf16_vs_fp32": {}, "skipped": []}
         self.save()
 
     def add(self, section: str, key: str, value: Any) -> None:
@@ -144,6 +144,34 @@ def bf16_against_fp32(bf16: Pipeline, fp32: Pipeline, video: Path, plan: Plan) -
 
 
 # ---------------------------------------------------------------------------------------------
+# CUDA graphs against eager sampling
+
+
+@torch.inference_mode()
+def graphs_against_eager(pipe: Pipeline, video: Path, plan: Plan) -> dict[str, float]:
+    """Sampling seconds with and without the captured step (same inputs), and how far apart the latents are."""
+    request = batch_requests(1, plan.duration, plan.steps, plan.cfg, video, "graphs")[0]
+    prepared = pipe.prepare(request)
+    features = pipe.encode([prepared])
+    noise = pipe.initial_noise([prepared])
+    graphed_sampler, results = pipe.graphed_sampler, {}
+    for label, sampler in (("graphed", graphed_sampler), ("eager", None)):
+        pipe.graphed_sampler = sampler
+        pipe.sample(features, noise, plan.steps, plan.cfg)  # capture / warm up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        latents = pipe.sample(features, noise, plan.steps, plan.cfg)
+        torch.cuda.synchronize()
+        results[label] = (time.perf_counter() - start, latents.float())
+    pipe.graphed_sampler = graphed_sampler
+    return {
+        "graphed_sampling_s": results["graphed"][0],
+        "eager_sampling_s": results["eager"][0],
+        "relative_l2_difference": relative_error(results["graphed"][1], results["eager"][1]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -204,6 +232,12 @@ def run(plan: Plan, device: str, out: Path, time_limit: float) -> None:
                 columns[name] = Column(variant, measurement)
                 official = None if plan.tiny else official_reference(variant, batch)
                 record.add("timings", name, {**as_json(measurement), "official_h100": official})
+            if device.startswith("cuda") and pipe.graphed_sampler is not None and time_left(f"{variant}: graphs"):
+                try:
+                    record.add("cuda_graphs", variant, graphs_against_eager(pipe, video, plan))
+                except Exception as exc:  # report it and go on: the other numbers still count
+                    record.add("cuda_graphs", variant, {"error": repr(exc)})
+                print(f"cuda graphs: {record.data['cuda_graphs'][variant]}", flush=True)
             if time_left(f"{variant}: bf16 vs fp32"):
                 reference = random_pipeline(arch, device, torch.float32)  # the same seed: the same weights
                 precision[variant] = bf16_against_fp32(pipe, reference, video, plan)

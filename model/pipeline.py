@@ -13,6 +13,7 @@ Requests with the same sequence lengths and step count run as one batch.  Nothin
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -50,6 +51,8 @@ from model.synchformer import (
 from model.vae import VAE_CONFIGS, VAEConfig, VAEDecoder, load_vae_decoder
 from model.video import VideoInputs, clip_input, load_image, load_video, sync_input
 from model.vocoder import VOCODER_CONFIGS, BigVGAN, VocoderConfig, load_vocoder
+
+log = logging.getLogger(__name__)
 
 VARIANTS = tuple(FLOW_CONFIGS)
 WeightsKind = Literal["official", "tiny"]
@@ -423,7 +426,11 @@ class Pipeline:
         cond, uncond = self.conditions(features, x0.shape[1])
         if self.graphed_sampler is not None:
             cfg = torch.as_tensor(cfg_strength, dtype=torch.float32)
-            return self.graphed_sampler.sample(x0, cond, uncond, cfg, num_steps, on_step)
+            try:
+                return self.graphed_sampler.sample(x0, cond, uncond, cfg, num_steps, on_step)
+            except RuntimeError:  # a capture failure must cost speed, not the job
+                log.exception("CUDA graph sampling failed; sampling eagerly from now on")
+                self.graphed_sampler = None
         return euler_sample(
             lambda t, x: self.flow.guided_flow(t, x, cond, uncond, cfg_strength), x0, num_steps, on_step
         )
