@@ -68,7 +68,14 @@ class Record:
 
     def __init__(self, path: Path, **header: Any) -> None:
         self.path = path
-        self.data: dict[str, Any] = {**header, "timings": {}, "cuda_graphs": {}, "bf16_vs_fp32": {}, "skipped": []}
+        self.data: dict[str, Any] = {
+            **header,
+            "timings": {},
+            "cuda_graphs": {},
+            "bf16_vs_fp32": {},
+            "decoder_seconds": {},
+            "skipped": [],
+        }
         self.save()
 
     def add(self, section: str, key: str, value: Any) -> None:
@@ -140,7 +147,27 @@ def bf16_against_fp32(bf16: Pipeline, fp32: Pipeline, video: Path, plan: Plan) -
     with torch.inference_mode():
         _, waveform = bf16.decode(expected["latents"].to(bf16.dtype))
     errors["waveform from fp32 latents"] = relative_error(waveform, expected["waveform"])
+    # the product option: bf16 encoders and flow, float32 VAE and vocoder
+    with torch.inference_mode():
+        _, waveform = fp32.decode(actual["latents"].float())
+    errors["waveform, fp32 decoders"] = relative_error(waveform, expected["waveform"])
     return errors
+
+
+@torch.inference_mode()
+def decoder_seconds(bf16: Pipeline, fp32: Pipeline, latent_len: int, batches: tuple[int, ...]) -> dict[str, float]:
+    """VAE + vocoder seconds in each dtype (float32 with cuDNN's default TF32 convolutions)."""
+    seconds = {}
+    for label, pipe in (("bf16", bf16), ("fp32", fp32)):
+        for batch in batches:
+            latents = torch.randn(batch, latent_len, pipe.audio.latent_dim, device=pipe.device, dtype=pipe.dtype)
+            pipe.decode(latents)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            pipe.decode(latents)
+            torch.cuda.synchronize()
+            seconds[f"{label} b{batch}"] = time.perf_counter() - start
+    return seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +269,11 @@ def run(plan: Plan, device: str, out: Path, time_limit: float) -> None:
                 reference = random_pipeline(arch, device, torch.float32)  # the same seed: the same weights
                 precision[variant] = bf16_against_fp32(pipe, reference, video, plan)
                 record.add("bf16_vs_fp32", variant, precision[variant])
+                if device.startswith("cuda"):
+                    probe = batch_requests(1, plan.duration, plan.steps, plan.cfg, video, "decoders")[0]
+                    latent_len = pipe.prepare(probe).lengths.latent
+                    record.add("decoder_seconds", variant, decoder_seconds(pipe, reference, latent_len, plan.batches))
+                    print(f"decoder seconds: {record.data['decoder_seconds'][variant]}", flush=True)
                 del reference
             del pipe
             if device.startswith("cuda"):

@@ -198,6 +198,7 @@ class Pipeline:
         frame_path: FramePath = "exact",
         encoder_chunk: int = 64,
         cuda_graphs: bool = True,
+        decoder_dtype: torch.dtype | None = None,
     ) -> None:
         self.architecture = architecture
         self.variant = architecture.variant
@@ -208,9 +209,10 @@ class Pipeline:
         self.frame_path = frame_path
         self.encoder_chunk = encoder_chunk  # frames / segments per encoder call: bounds activation memory
         self.weights_info = dict(weights_info)
-        self.flow, self.clip, self.synchformer, self.vae, self.vocoder = (
-            m.to(self.device, dtype).eval() for m in (flow, clip, synchformer, vae, vocoder)
-        )
+        # the decoders are cheap next to the flow network; float32 there keeps bf16 output close to float32's
+        self.decoder_dtype = decoder_dtype or dtype
+        self.flow, self.clip, self.synchformer = (m.to(self.device, dtype).eval() for m in (flow, clip, synchformer))
+        self.vae, self.vocoder = (m.to(self.device, self.decoder_dtype).eval() for m in (vae, vocoder))
         self._text_cache: dict[str, Tensor] = {}
         # kernel launches, not arithmetic, bound the flow network on a GPU: replay captured steps there
         self.graphed_sampler = GraphedEulerSampler(self.flow) if cuda_graphs and self.device.type == "cuda" else None
@@ -437,7 +439,7 @@ class Pipeline:
 
     def decode(self, latents: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised latents (N, L, D) -> (mel (N, n_mels, 2L), waveform (N, 1, 2 L hop))."""
-        mel = self.vae.decode(self.flow.unnormalize(latents))
+        mel = self.vae.decode(self.flow.unnormalize(latents).to(self.decoder_dtype))
         return mel, self.vocoder(mel)
 
     # -- generation ------------------------------------------------------------------------------
@@ -491,7 +493,7 @@ class Pipeline:
             )
         report("decoding", 0.0)
         with _stage(timings, "vae", self.device):
-            mel = self.vae.decode(self.flow.unnormalize(latents))
+            mel = self.vae.decode(self.flow.unnormalize(latents).to(self.decoder_dtype))
         with _stage(timings, "vocoder", self.device):
             waveform = self.vocoder(mel).float().cpu()[:, 0]
         report("decoding", 1.0)
