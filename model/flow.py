@@ -203,18 +203,14 @@ class StreamBlock(nn.Module):
     def attention_inputs(
         self, x: Tensor, c: Tensor, rope: Tensor | None
     ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, ...]]:
-        """(q, k, v) and the modulation left for ``finish`` (gate_msa, shift_mlp, scale_mlp, gate_mlp).
-
-        ``x`` is the residual stream (float32 at least); the projections run in the weights' dtype.
-        """
+        """(q, k, v) and the modulation left for ``finish`` (gate_msa, shift_mlp, scale_mlp, gate_mlp)."""
         shift_msa, scale_msa, *rest = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=-1)
-        h = modulate(self.norm1(x), shift_msa, scale_msa).to(c.dtype)
-        return self.attn(h, rope), tuple(rest)
+        return self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope), tuple(rest)
 
     def finish(self, x: Tensor, attn_out: Tensor, modulation: tuple[Tensor, ...]) -> Tensor:
         gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         x = x + self.linear1(attn_out) * gate_msa
-        return x + self.ffn(modulate(self.norm2(x), shift_mlp, scale_mlp).to(attn_out.dtype)) * gate_mlp
+        return x + self.ffn(modulate(self.norm2(x), shift_mlp, scale_mlp)) * gate_mlp
 
     def forward(self, x: Tensor, c: Tensor, rope: Tensor | None) -> Tensor:
         """The block on its own stream (fused blocks)."""
@@ -265,7 +261,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.conv(modulate(self.norm(x), shift, scale).to(c.dtype))
+        return self.conv(modulate(self.norm(x), shift, scale))
 
 
 class TimestepEmbedding(nn.Module):
@@ -487,11 +483,8 @@ class FlowNetwork(nn.Module):
         global_c = (self.t_embed(t.expand(batch)) + global_c).unsqueeze(1)  # (B, 1, D)
         extended_c = global_c + conditions.sync_f  # (B, latent_len, D)
 
-        # The residual streams stay in float32 (at least) while the weights may be bf16: summing ~40 block
-        # outputs into a bf16 stream is what made bf16 drift from fp32; the matmuls stay bf16.
-        residual = torch.promote_types(self.dtype, torch.float32)
-        x = self.audio_input_proj(latent.to(self.dtype)).to(residual)
-        clip, text = conditions.clip_f.to(residual), conditions.text_f.to(residual)
+        x = self.audio_input_proj(latent.to(self.dtype))
+        clip, text = conditions.clip_f, conditions.text_f
         for block in self.joint_blocks:
             x, clip, text = block(x, clip, text, global_c, extended_c, latent_rope, clip_rope)
         for block in self.fused_blocks:
