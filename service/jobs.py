@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,29 +29,46 @@ from service.storage import BlobStore
 
 JSON_FIELDS = ("params", "input", "model", "progress", "timings", "result", "error", "webhook")
 
-# KEYS: job hash, running set, status counts.
-# ARGV: job id, allowed statuses (space separated), owning worker ('' = any), attempt ('' = any),
-#       new status ('' = keep), expiry seconds (0 = none), channel, event, then field/value pairs.
+# A Lua function applying one guarded change to a job, shared by every script that changes jobs (this
+# module's update, the workers' batch claim). Arguments: job hash, running set, status counts, pub/sub channel,
+# job id, allowed statuses (space separated), owning worker ('' = any), attempt ('' = any), new status
+# ('' = keep), expiry seconds (0 = none), event, a Lua array of field/value pairs.
 # Returns {1, status, cancel flag} when applied, {0, current status, cancel flag} when refused, nil when absent.
-UPDATE_SCRIPT = """
-local current = redis.call('HGET', KEYS[1], 'status')
-if not current then return nil end
-local cancel = redis.call('HGET', KEYS[1], 'cancel') or ''
-if not string.find(' ' .. ARGV[2] .. ' ', ' ' .. current .. ' ', 1, true) then return {0, current, cancel} end
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[3] then return {0, current, cancel} end
-if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[4] then return {0, current, cancel} end
-for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-local status = current
-if ARGV[5] ~= '' then
-  status = ARGV[5]
-  redis.call('HSET', KEYS[1], 'status', status)
-  if status == 'running' then redis.call('SADD', KEYS[2], ARGV[1]) else redis.call('SREM', KEYS[2], ARGV[1]) end
-  redis.call('HINCRBY', KEYS[3], status, 1)
+CHANGE_JOB_LUA = """
+local function change_job(job_key, running_key, counts_key, channel, job_id, allowed, by_worker, at_attempt,
+                          new_status, expire_seconds, event, fields)
+  local current = redis.call('HGET', job_key, 'status')
+  if not current then return nil end
+  local cancel = redis.call('HGET', job_key, 'cancel') or ''
+  if not string.find(' ' .. allowed .. ' ', ' ' .. current .. ' ', 1, true) then return {0, current, cancel} end
+  if by_worker ~= '' and redis.call('HGET', job_key, 'worker') ~= by_worker then return {0, current, cancel} end
+  if at_attempt ~= '' and redis.call('HGET', job_key, 'attempts') ~= at_attempt then return {0, current, cancel} end
+  for i = 1, #fields, 2 do redis.call('HSET', job_key, fields[i], fields[i + 1]) end
+  local status = current
+  if new_status ~= '' then
+    status = new_status
+    redis.call('HSET', job_key, 'status', status)
+    if status == 'running' then redis.call('SADD', running_key, job_id) else redis.call('SREM', running_key, job_id) end
+    redis.call('HINCRBY', counts_key, status, 1)
+  end
+  if tonumber(expire_seconds) > 0 then redis.call('EXPIRE', job_key, expire_seconds) end
+  redis.call('PUBLISH', channel, event)
+  return {1, status, redis.call('HGET', job_key, 'cancel') or ''}
 end
-if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
-redis.call('PUBLISH', ARGV[7], ARGV[8])
-return {1, status, redis.call('HGET', KEYS[1], 'cancel') or ''}
 """
+
+# KEYS: job hash, running set, status counts.
+# ARGV: job id, allowed statuses, owning worker, attempt, new status, expiry seconds, channel, event, then
+#       field/value pairs (see CHANGE_JOB_LUA).
+UPDATE_SCRIPT = (
+    CHANGE_JOB_LUA
+    + """
+local fields = {}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+return change_job(KEYS[1], KEYS[2], KEYS[3], ARGV[7], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[8],
+                  fields)
+"""
+)
 
 
 def schedule_webhook(redis: Redis, job_id: str, due: float | None = None) -> None:
@@ -143,6 +161,13 @@ class UpdateOutcome:
     cancel_requested: bool = False
 
 
+def _outcome(reply: list | None) -> UpdateOutcome:
+    if reply is None:
+        return UpdateOutcome(False, None)
+    applied, status, cancel = reply
+    return UpdateOutcome(bool(applied), JobStatus(status.decode()), bool(cancel))
+
+
 def encode_fields(fields: dict[str, Any]) -> dict[str, str]:
     """Field values as the hash stores them: JSON for structured ones, repr for times."""
     encoded = {}
@@ -201,10 +226,22 @@ class JobStore:
         reply = self._update(
             **self._script_call(job_id, allowed, new_status, by_worker, at_attempt, expire_seconds, event, fields)
         )
-        if reply is None:
-            return UpdateOutcome(False, None)
-        applied, status, cancel = reply
-        return UpdateOutcome(bool(applied), JobStatus(status.decode()), bool(cancel))
+        return _outcome(reply)
+
+    def update_owned(
+        self,
+        owned: Sequence[tuple[str, int]],
+        allowed: tuple[JobStatus, ...],
+        by_worker: str,
+        event: str = "update",
+        **fields: Any,
+    ) -> list[UpdateOutcome]:
+        """``update`` of several jobs, each (job id, attempt) owned by ``by_worker``, in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, attempt in owned:
+                call = self._script_call(job_id, allowed, None, by_worker, attempt, 0, event, fields)
+                self._update(**call, client=pipe)
+            return [_outcome(reply) for reply in pipe.execute()]
 
     def update_in(
         self,

@@ -2,6 +2,11 @@
 
 The RQ job id is ``<job id>_<attempt>``, so a job queued again after its worker died never collides with
 the remains of its first attempt in RQ's registries.
+
+Jobs are queued in RQ's format (so RQ's tools show the queues), but workers do not dequeue them one at a
+time as RQ's worker would: they claim whole batches with one script (service.worker.claims), which takes
+the entries off the list and deletes their RQ job hashes. A worker may also reserve the batch it will
+claim next, to decode its inputs ahead; reserved jobs stay queued.
 """
 
 from __future__ import annotations
@@ -9,11 +14,13 @@ from __future__ import annotations
 from redis import Redis
 from redis.client import Pipeline
 from rq import Queue
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from service import keys
 
-TASK = "service.worker.tasks.run_job"
+# What RQ's job hash names as the task; our workers claim jobs themselves and never import it.
+TASK = "service.worker.run_job"
 
 
 def rq_queue(redis: Redis, variant: str) -> Queue:
@@ -22,6 +29,21 @@ def rq_queue(redis: Redis, variant: str) -> Queue:
 
 def rq_job_id(job_id: str, attempt: int) -> str:
     return f"{job_id}_{attempt}"
+
+
+def parse_rq_job_id(rq_id: str) -> tuple[str, int]:
+    """(job id, attempt) of a queue entry."""
+    job_id, attempt = rq_id.rsplit("_", 1)
+    return job_id, int(attempt)
+
+
+def list_key(variant: str) -> str:
+    """The Redis list of a variant's queue: RQ job ids, the next one first."""
+    return Queue.redis_queue_namespace_prefix + keys.queue_name(variant)
+
+
+RQ_JOB_PREFIX = Job.redis_job_namespace_prefix  # + RQ job id: RQ's hash of a queued job
+RESERVATION_PREFIX = keys.PREFIX + "reserved:"  # + job id: the worker decoding this queued job ahead
 
 
 def enqueue(
@@ -38,7 +60,7 @@ def enqueue(
         TASK,
         args=(job_id, attempt),
         job_id=rq_job_id(job_id, attempt),
-        timeout=int(timeout_seconds) + 60,  # RQ's hard stop backs up the worker's own deadline
+        timeout=int(timeout_seconds),  # for RQ's tools: the worker enforces the job timeout itself
         result_ttl=0,
         failure_ttl=3600,
         description=f"mmaudio job {job_id} attempt {attempt}",
@@ -59,9 +81,9 @@ def withdraw(redis: Redis, variant: str, job_id: str, attempt: int) -> None:
 
 def position(redis: Redis, variant: str, job_id: str, attempt: int) -> int | None:
     """1-based place in the queue (1 = next to run), None when not queued."""
-    index = redis.lpos(rq_queue(redis, variant).key, rq_job_id(job_id, attempt))
+    index = redis.lpos(list_key(variant), rq_job_id(job_id, attempt))
     return None if index is None else index + 1
 
 
 def depth(redis: Redis, variant: str) -> int:
-    return redis.llen(rq_queue(redis, variant).key)
+    return redis.llen(list_key(variant))

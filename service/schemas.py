@@ -207,7 +207,8 @@ class Job(BaseModel):
     finished_at: datetime | None = None
     timings: dict[str, Any] = Field(
         default_factory=dict,
-        description="Seconds per stage: queue, input, model (the pipeline's own stages), encode, total.",
+        description="Seconds per stage: queue, input, model (the pipeline's own stages), encode, total; "
+        "batch_size (jobs computed together) and prepared_ahead (input decoded while the worker was busy).",
     )
     params: EffectiveParams
     input: InputInfo

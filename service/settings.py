@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     max_wait_seconds: float = Field(60.0, ge=0, description="Cap on `Prefer: wait=N`.")
 
     # --- jobs ---------------------------------------------------------------------------------------------------
+    max_batch: int = Field(
+        8,
+        ge=1,
+        description="Most samples a worker computes in one batched pass: it takes the oldest queued job and the "
+        "next ones with the same duration and step count, as many as are queued and fit (it never waits for "
+        "more). 1 disables batching.",
+    )
     job_timeout_seconds: float = Field(600.0, gt=0, description="A running job that takes longer fails (`timeout`).")
     result_ttl_seconds: int = Field(3600, gt=0, description="How long finished jobs and their results are kept.")
     upload_ttl_seconds: int = Field(

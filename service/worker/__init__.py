@@ -1,1 +1,1 @@
-"""The GPU worker: an RQ worker that loads the pipeline once and runs every job in its own process."""
+"""The GPU worker: loads the pipeline once and runs batches of queued jobs in its own process."""

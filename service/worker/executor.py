@@ -1,28 +1,38 @@
-"""Running one job on the resident pipeline: claim it, feed it the upload, report progress, store the results.
+"""Running a claimed batch of jobs on the resident pipeline: their inputs, one shared pass, their results.
 
-Each stage (claim, input, generate, encode, finish) is its own method so that a worker can later batch
-several claimed jobs into one `generate_batch` call, or prepare the next job's input while the current one
-is on the GPU.
+The jobs of a batch share the model's pass but end on their own. Each progress report goes to every job
+still in it, and its answer decides that job alone: a cancel request ends it as canceled, a passed deadline
+as failed (`timeout`), a job the reaper took away is dropped; its result, if the pass still makes one, is
+discarded. The pass itself stops only when no job is left in it. A job whose input cannot be decoded fails
+before the pass, alone.
+
+The stages run on different threads of the worker: inputs are prepared ahead by the prefetcher (or here
+when they were not), the pass runs on the main thread, results are encoded and stored by the finisher while
+the next pass runs.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from redis import Redis
-from rq.timeouts import JobTimeoutException
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from model.media import mux_video, write_audio
-from model.pipeline import Cancelled, GenerationRequest, GenerationResult, Pipeline
+from model.pipeline import Cancelled, GenerationRequest, GenerationResult, Pipeline, PreparedRequest
 from model.video import MediaError
-from service import keys
+from service import keys, queue
 from service.inspection import media_problem
 from service.jobs import JobRecord, JobStore
 from service.metrics import record_stages
@@ -34,14 +44,53 @@ log = logging.getLogger(__name__)
 
 RUNNING = (JobStatus.running,)
 JOB_SECONDS_SMOOTHING = 0.2  # weight of the newest job in the moving average behind Retry-After
-
-
-class DeadlineExceeded(Exception):
-    """The job ran past `job_timeout_seconds`."""
+HARD_STOP_GRACE_SECONDS = 60  # a batch stuck in one call past its deadlines is interrupted this much later
 
 
 class JobLost(Exception):
     """The job is no longer this worker's (declared abandoned meanwhile); stop without writing anything."""
+
+
+@dataclass
+class JobInput:
+    """A job's input made ready on the CPU: the upload as a local file (kept until the result is muxed) and
+    the decoded request."""
+
+    prepared: PreparedRequest
+    media: Path | None
+    fetch_seconds: float
+    ahead: bool  # prepared while the job was still queued, during an earlier pass
+    resources: ExitStack
+
+    def close(self) -> None:
+        self.resources.close()
+
+
+@dataclass
+class ActiveJob:
+    """A claimed job while its batch runs."""
+
+    record: JobRecord
+    deadline: float  # time.monotonic() past which the job fails with `timeout`
+    timings: dict[str, Any] = field(default_factory=dict)
+    input: JobInput | None = None
+    ended: bool = False  # canceled, failed or taken away before its result was stored
+
+    @property
+    def owned(self) -> tuple[str, int]:
+        """(job id, attempt): what this worker owns."""
+        return self.record.id, self.record.attempts
+
+    @property
+    def prepared(self) -> PreparedRequest:
+        assert self.input is not None, "a job without input has ended before the pass"
+        return self.input.prepared
+
+
+def problem_of(err: Exception) -> dict[str, Any]:
+    if isinstance(err, MediaError):
+        return problem_body(media_problem(err), str(err))
+    return problem_body("generation-failed", f"{type(err).__name__}: {err}")
 
 
 class JobExecutor:
@@ -52,98 +101,36 @@ class JobExecutor:
         self.store = store
         self.pipeline = pipeline
         self.worker_name = worker_name
-        self.current_job: str | None = None  # read by the heartbeat thread
+        self._held: set[str] = set()  # ids of the claimed jobs not finished yet; read by the heartbeat thread
+        self._held_lock = threading.Lock()
+        self._timeout_problem = problem_body(
+            "timeout", f"the job ran longer than {self.settings.job_timeout_seconds:g} s"
+        )
 
     def model_info(self) -> dict[str, Any]:
         return {"variant": self.pipeline.variant, "weights": self.pipeline.weights_info}
 
-    def run(self, job_id: str, attempt: int) -> None:
-        record = self._claim(job_id, attempt)
-        if record is None:
-            return
-        self.current_job = job_id
+    def held_jobs(self) -> list[str]:
+        with self._held_lock:
+            return sorted(self._held)
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+
+    def prepare_input(self, record: JobRecord, ahead: bool = False) -> JobInput:
+        """Fetch the job's upload and decode it into the model's inputs (CPU only; any thread)."""
+        resources = ExitStack()
         try:
-            self._execute(record, attempt)
-        finally:
-            self.current_job = None
-
-    def _claim(self, job_id: str, attempt: int) -> JobRecord | None:
-        """queued -> running for this attempt; None when the job was canceled or already taken."""
-        outcome = self.jobs.update(
-            job_id,
-            (JobStatus.queued,),
-            JobStatus.running,
-            at_attempt=attempt - 1,
-            attempts=attempt,
-            worker=self.worker_name,
-            started_at=time.time(),
-            model=self.model_info(),
-            progress={"stage": "starting", "fraction": 0.0},
-        )
-        if not outcome.applied:
-            log.info("job %s attempt %d not started: it is %s", job_id, attempt, outcome.status)
-            return None
-        return self.jobs.get(job_id)
-
-    def _execute(self, record: JobRecord, attempt: int) -> None:
-        owner = {"by_worker": self.worker_name, "at_attempt": attempt}
-        assert record.started_at is not None
-        timings: dict[str, Any] = {"queue": record.started_at - record.created_at}
-        deadline = time.monotonic() + self.settings.job_timeout_seconds
-        try:
-            with self._local_input(record, timings) as media:
-                result = self.pipeline.generate(
-                    self._request(record, media), progress=self._progress_reporter(record.id, attempt, deadline)
-                )
-                self._report(record.id, attempt, "encoding", 0.0)
-                started = time.perf_counter()
-                result_info = self._store_results(record, result, media)
-                timings["encode"] = time.perf_counter() - started
-        except JobLost:
-            log.warning("job %s attempt %d was taken from this worker; dropped", record.id, attempt)
-            return
-        except Cancelled:
-            self.jobs.finish(record, RUNNING, JobStatus.canceled, timings=timings, **owner)
-            return
-        except (DeadlineExceeded, JobTimeoutException):
-            detail = f"the job ran longer than {self.settings.job_timeout_seconds:g} s"
-            self._fail(record, problem_body("timeout", detail), timings, owner)
-            return
-        except MediaError as err:
-            self._fail(record, problem_body(media_problem(err), str(err)), timings, owner)
-            return
-        except Exception as err:
-            log.exception("job %s failed", record.id)
-            self._fail(record, problem_body("generation-failed", f"{type(err).__name__}: {err}"), timings, owner)
-            return
-        timings["model"] = result.metadata["timings"]
-        timings["total"] = time.time() - record.created_at
-        outcome = self.jobs.finish(
-            record,
-            RUNNING,
-            JobStatus.succeeded,
-            result=result_info,
-            timings=timings,
-            **owner,
-        )
-        if outcome.applied:
-            self._record_metrics(record.variant, timings)
-
-    def _fail(self, record: JobRecord, error: dict, timings: dict, owner: dict) -> None:
-        self.jobs.finish(record, RUNNING, JobStatus.failed, error=error, timings=timings, **owner)
-
-    @contextmanager
-    def _local_input(self, record: JobRecord, timings: dict[str, Any]) -> Iterator[Path | None]:
-        """The upload as a local file (None for text-only jobs)."""
-        if record.upload is None:
-            timings["input"] = 0.0
-            yield None
-            return
-        started = time.perf_counter()
-        suffix = Path(record.input.get("filename") or "").suffix
-        with self.store.local_path(record.upload, suffix) as path:
-            timings["input"] = time.perf_counter() - started
-            yield path
+            started = time.perf_counter()
+            media = None
+            if record.upload is not None:
+                suffix = Path(record.input.get("filename") or "").suffix
+                media = resources.enter_context(self.store.local_path(record.upload, suffix))
+            fetched = time.perf_counter() - started
+            prepared = self.pipeline.prepare(self._request(record, media))
+        except BaseException:
+            resources.close()
+            raise
+        return JobInput(prepared, media, fetched, ahead, resources)
 
     def _request(self, record: JobRecord, media: Path | None) -> GenerationRequest:
         params = record.params
@@ -161,8 +148,147 @@ class JobExecutor:
             image=media if kind == "image" else None,
         )
 
-    def _report(self, job_id: str, attempt: int, stage: str, fraction: float) -> bool:
-        """Publish progress; returns whether a cancel was requested. Raises JobLost if the job is not ours."""
+    # -- a batch -----------------------------------------------------------------------------------------------
+
+    def run(
+        self, records: list[JobRecord], ready: Mapping[str, Future[JobInput]]
+    ) -> tuple[list[ActiveJob], dict[str, GenerationResult]]:
+        """Run a claimed batch: each job's input (prepared ahead in ``ready``, by queue entry, or decoded now),
+        then the model's pass over the jobs still live, one per group of equal sequence lengths and steps.
+        Returns the batch and the results by job id of the jobs still live at the end.
+
+        Main thread only: a batch stuck in one call past its jobs' deadlines is interrupted by SIGALRM."""
+        batch = [self._activate(record) for record in records]
+        results: dict[str, GenerationResult] = {}
+        hard_stop = math.ceil(self.settings.job_timeout_seconds) + HARD_STOP_GRACE_SECONDS
+        try:
+            with UnixSignalDeathPenalty(hard_stop, JobTimeoutException):
+                for job in batch:
+                    self._prepare(job, ready.get(queue.rq_job_id(*job.owned)))
+                groups: dict[Any, list[ActiveJob]] = {}
+                for job in batch:
+                    if not job.ended:
+                        groups.setdefault(job.prepared.batch_key, []).append(job)
+                for group in groups.values():
+                    results |= self._generate_group(group)
+        except JobTimeoutException:
+            for job in batch:
+                if not job.ended and job.record.id not in results:
+                    self._end(job, JobStatus.failed, error=self._timeout_problem)
+        return batch, results
+
+    def _activate(self, record: JobRecord) -> ActiveJob:
+        assert record.started_at is not None
+        job = ActiveJob(record, time.monotonic() + self.settings.job_timeout_seconds)
+        job.timings["queue"] = record.started_at - record.created_at
+        with self._held_lock:
+            self._held.add(record.id)
+        return job
+
+    def _prepare(self, job: ActiveJob, ahead: Future[JobInput] | None) -> None:
+        """The job's input, from the prefetcher or decoded now; a job whose input fails ends here, alone."""
+        try:
+            job.input = ahead.result() if ahead is not None else self.prepare_input(job.record)
+        except Exception as err:
+            if not isinstance(err, MediaError):
+                log.exception("job %s: its input failed", job.record.id)
+            self._end(job, JobStatus.failed, error=problem_of(err))
+            return
+        job.timings["input"] = job.input.fetch_seconds
+        job.timings["prepared_ahead"] = job.input.ahead
+
+    def _generate_group(self, group: list[ActiveJob]) -> dict[str, GenerationResult]:
+        try:
+            outputs = self.pipeline.generate_prepared([job.prepared for job in group], self._progress(group))
+        except Cancelled:
+            return {}  # every job of the group has ended
+        except JobTimeoutException:
+            raise  # the whole batch's, handled in run
+        except Exception as err:
+            log.exception("batch of %d job(s) failed", len(group))
+            for job in group:
+                if not job.ended:
+                    self._end(job, JobStatus.failed, error=problem_of(err))
+            return {}
+        return {job.record.id: output for job, output in zip(group, outputs, strict=True) if not job.ended}
+
+    def _progress(self, group: list[ActiveJob]) -> Callable[[str, float], None]:
+        """The pipeline's progress callback for a group: reports to each live job and ends the ones that were
+        canceled, ran out of time or were taken away; stops the pass when none is left."""
+
+        def report(stage: str, fraction: float) -> None:
+            live = [job for job in group if not job.ended]
+            outcomes = self.jobs.update_owned(
+                [job.owned for job in live],
+                RUNNING,
+                self.worker_name,
+                event="progress",
+                progress={"stage": stage, "fraction": round(fraction, 4)},
+            )
+            now = time.monotonic()
+            for job, outcome in zip(live, outcomes, strict=True):
+                if not outcome.applied:
+                    log.warning("job %s attempt %d was taken from this worker; dropped", *job.owned)
+                    job.ended = True
+                elif outcome.cancel_requested:
+                    self._end(job, JobStatus.canceled)
+                elif now > job.deadline:
+                    self._end(job, JobStatus.failed, error=self._timeout_problem)
+            if all(job.ended for job in group):
+                raise Cancelled("no job is left in the batch")
+
+        return report
+
+    def finish(self, batch: list[ActiveJob], results: Mapping[str, GenerationResult]) -> None:
+        """Store each live job's results and end it as succeeded; release every job of the batch."""
+        for job in batch:
+            try:
+                result = results.get(job.record.id)
+                if result is not None and not job.ended:
+                    self._complete(job, result)
+            finally:
+                if job.input is not None:
+                    job.input.close()
+                with self._held_lock:
+                    self._held.discard(job.record.id)
+
+    def _complete(self, job: ActiveJob, result: GenerationResult) -> None:
+        assert job.input is not None
+        try:
+            self._report(job, "encoding", 0.0)
+            started = time.perf_counter()
+            result_info = self._store_results(job.record, result, job.input.media)
+            job.timings["encode"] = time.perf_counter() - started
+        except JobLost:
+            log.warning("job %s attempt %d was taken from this worker; dropped", *job.owned)
+            return
+        except Exception as err:
+            log.exception("job %s: storing its results failed", job.record.id)
+            self._end(job, JobStatus.failed, error=problem_of(err))
+            return
+        job.timings["model"] = result.metadata["timings"]
+        job.timings["batch_size"] = result.metadata["batch_size"]
+        job.timings["total"] = time.time() - job.record.created_at
+        if self._end(job, JobStatus.succeeded, result=result_info):
+            self._record_metrics(job.record.variant, job.timings)
+
+    def _end(self, job: ActiveJob, status: JobStatus, **fields: Any) -> bool:
+        """Move a job of this worker into a terminal status; returns whether it was still ours to end."""
+        job.ended = True
+        outcome = self.jobs.finish(
+            job.record,
+            RUNNING,
+            status,
+            by_worker=self.worker_name,
+            at_attempt=job.record.attempts,
+            timings=job.timings,
+            **fields,
+        )
+        return outcome.applied
+
+    def _report(self, job: ActiveJob, stage: str, fraction: float) -> None:
+        """Publish one job's progress; raises JobLost if the job is no longer this worker's."""
+        job_id, attempt = job.owned
         outcome = self.jobs.update(
             job_id,
             RUNNING,
@@ -173,16 +299,6 @@ class JobExecutor:
         )
         if not outcome.applied:
             raise JobLost(job_id)
-        return outcome.cancel_requested
-
-    def _progress_reporter(self, job_id: str, attempt: int, deadline: float) -> Callable[[str, float], None]:
-        def report(stage: str, fraction: float) -> None:
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(job_id)
-            if self._report(job_id, attempt, stage, fraction):
-                raise Cancelled(job_id)
-
-        return report
 
     def _store_results(self, record: JobRecord, result: GenerationResult, media: Path | None) -> dict[str, Any]:
         ttl = self.settings.result_ttl_seconds
@@ -222,7 +338,8 @@ class JobExecutor:
         stages["model"] = model.get("total", 0.0)
         stages["total"] = timings["total"]
         record_stages(self.redis, stages)
-        run_seconds = timings["total"] - timings["queue"]
+        # a job's share of its worker's time: what one more queued job costs (Retry-After)
+        run_seconds = (timings["total"] - timings["queue"]) / timings["batch_size"]
         previous = self.redis.hget(keys.JOB_SECONDS, variant)
         mean = (
             run_seconds

@@ -1,37 +1,45 @@
-"""`python -m service.worker`: load the model once, then take jobs from the variant's queue until stopped.
+"""`python -m service.worker`: load the model once, then run batches of jobs from the variant's queue until
+stopped.
 
-RQ's SimpleWorker runs each job in this process (no fork per job), so the pipeline stays resident on the
-GPU. A heartbeat thread renews the worker's Redis key throughout, also while a job computes: when the
-process dies, the key expires and the API's maintenance loop deals with its running job.
+Everything runs in this one process (no fork per job), so the pipeline stays resident on the GPU. Three
+threads form a pipeline, each at most one batch ahead of the next: the prefetcher decodes the inputs of the
+next batch, the main thread claims batches and runs the model, the finisher encodes and stores results. A
+heartbeat thread renews the worker's Redis key throughout: when the process dies, the key expires and the
+API's maintenance loop fails (or retries) every job the worker was running; the jobs it had only reserved
+are still queued and go to another worker.
+
+SIGTERM or SIGINT: finish the current batch (and store its results), then exit; a second one exits at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 from redis import Redis
-from rq import SimpleWorker
-from rq.serializers import JSONSerializer
 
 from model.pipeline import GenerationRequest, Pipeline
-from service import keys, workers
+from service import workers
 from service.jobs import JobStore
 from service.settings import Settings, get_settings
 from service.storage import make_store
 from service.weights import ensure_weights
-from service.worker import tasks
+from service.worker.claims import QueueClaims
 from service.worker.executor import JobExecutor
+from service.worker.prefetch import Prefetcher
 
 log = logging.getLogger("service.worker")
 
 WARMUP_SECONDS = 1.0
+IDLE_WAIT_SECONDS = 1.0  # an idle worker looks at its stop flag this often
 
 
 class Heartbeat(threading.Thread):
@@ -43,6 +51,7 @@ class Heartbeat(threading.Thread):
         self.name_in_redis = name
         self.settings = settings
         self.executor: JobExecutor | None = None
+        self.prefetcher: Prefetcher | None = None
         self.info: dict[str, Any] = {
             "name": name,
             "host": socket.gethostname(),
@@ -55,7 +64,8 @@ class Heartbeat(threading.Thread):
         self._stop_event = threading.Event()
 
     def beat(self) -> None:
-        self.info["job"] = self.executor.current_job if self.executor else None
+        self.info["jobs"] = self.executor.held_jobs() if self.executor else []
+        self.info["ahead"] = self.prefetcher.ready_jobs() if self.prefetcher else []
         workers.beat(self.redis, self.name_in_redis, self.info, self.settings.worker_ttl_seconds)
 
     def run(self) -> None:
@@ -87,6 +97,40 @@ def warm_up(pipeline: Pipeline) -> None:
     pipeline.generate(GenerationRequest(duration=WARMUP_SECONDS, num_steps=1))
 
 
+class WorkerLoop:
+    """The main thread: claim a batch, run it, hand its results to the finisher; until asked to stop."""
+
+    def __init__(self, claims: QueueClaims, executor: JobExecutor, prefetcher: Prefetcher, max_batch: int) -> None:
+        self.claims = claims
+        self.executor = executor
+        self.prefetcher = prefetcher
+        self.max_batch = max_batch
+        self.stopping = False
+
+    def request_stop(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            raise SystemExit(128 + signum)
+        log.info("stopping after the current batch (signal %d; a second one stops at once)", signum)
+        self.stopping = True
+
+    def run(self) -> None:
+        finishing: Future[None] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="mmaudio-finish") as finisher:
+            while not self.stopping:
+                records = self.claims.claim(self.max_batch, self.executor.model_info())
+                if not records:
+                    self.prefetcher.set_busy(False)
+                    self.claims.wait_for_work(IDLE_WAIT_SECONDS)
+                    continue
+                self.prefetcher.set_busy(True)
+                batch, results = self.executor.run(records, self.prefetcher.take(records))
+                if finishing is not None:
+                    finishing.result()  # at most one batch waits for the finisher
+                finishing = finisher.submit(self.executor.finish, batch, results)
+            if finishing is not None:
+                finishing.result()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
@@ -95,29 +139,36 @@ def main() -> None:
     heartbeat = Heartbeat(redis, name, settings)
     heartbeat.beat()
     heartbeat.start()
+    prefetcher: Prefetcher | None = None
     try:
         started = time.perf_counter()
         pipeline = load_pipeline(settings)
         if settings.warmup:
             warm_up(pipeline)
         log.info(
-            "worker %s: %s (%s weights) loaded%s in %.1f s",
+            "worker %s: %s (%s weights) loaded%s in %.1f s; batches of up to %d samples",
             name,
             settings.variant,
             settings.weights,
             " and warmed up" if settings.warmup else "",
             time.perf_counter() - started,
+            settings.max_batch,
         )
         store = make_store(settings, redis)
-        executor = JobExecutor(redis, JobStore(redis, settings, store), store, pipeline, name)
-        tasks.install(executor)
-        heartbeat.executor = executor
+        jobs = JobStore(redis, settings, store)
+        executor = JobExecutor(redis, jobs, store, pipeline, name)
+        claims = QueueClaims(redis, settings.variant, name, settings.worker_ttl_seconds)
+        prefetcher = Prefetcher(claims, executor, jobs, settings.max_batch)
+        prefetcher.start()
+        loop = WorkerLoop(claims, executor, prefetcher, settings.max_batch)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, loop.request_stop)
+        heartbeat.executor, heartbeat.prefetcher = executor, prefetcher
         heartbeat.info["ready"] = True
         heartbeat.beat()
-        worker = SimpleWorker(
-            [keys.queue_name(settings.variant)], name=name, connection=redis, serializer=JSONSerializer
-        )
-        worker.work(logging_level="INFO")
+        loop.run()
     finally:
+        if prefetcher is not None:
+            prefetcher.stop()
         heartbeat.stop()
         workers.forget(redis, name)

@@ -36,7 +36,8 @@ CRASH_SETTINGS = {
         "MMAUDIO_MAINTENANCE_INTERVAL_SECONDS",
     )
 }
-CRASH_JOB_TIMEOUT = 30  # seconds: a SLOW job overruns it, a QUICK one does not
+CRASH_JOB_TIMEOUT = 30  # seconds: an OVERRUN job overruns it, a QUICK one does not
+OVERRUN = {"duration": 8.0, "num_steps": 5000}  # minutes of sampling on any machine (the tiny model is fast)
 
 
 def test_health_readiness_and_metrics(stack: Stack, alice: httpx.Client) -> None:
@@ -88,6 +89,7 @@ def crash_stack(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
         "MMAUDIO_STORAGE": "filesystem",
         "MMAUDIO_STORAGE_DIR": str(folder / "store"),
         "MMAUDIO_JOB_TIMEOUT_SECONDS": str(CRASH_JOB_TIMEOUT),
+        "MMAUDIO_MAX_NUM_STEPS": str(OVERRUN["num_steps"]),
     }
     crash = make_stack(redis_server, folder, "crash", 1, settings)
     crash.start_api()
@@ -190,7 +192,7 @@ def test_job_running_past_the_timeout_fails(crash_stack: Stack) -> None:
     if crash_stack.ready_workers() == 0:
         crash_stack.start_worker()
         crash_stack.wait_for_workers(1)
-    job = client.post("/v1/jobs", json=SLOW).json()
+    job = client.post("/v1/jobs", json=OVERRUN).json()
     started = wait_for_sampling(client, job["id"])
     failed = wait_for_status(client, job["id"], {"failed", "succeeded"})
     assert failed["status"] == "failed" and failed["error"]["type"] == "urn:mmaudio:problem:timeout"

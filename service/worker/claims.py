@@ -1,0 +1,192 @@
+"""How a worker takes jobs off its variant's queue: whole batches, atomically, oldest first.
+
+A batch is the oldest job the worker may take and the next queued jobs with the same requested duration and
+step count (the pipeline splits it further when a video turns out shorter than asked), as many as are queued
+now, up to a limit. One Lua script picks the batch, takes its entries off the list and moves every job to
+`running` under this worker, so two workers never take the same job and a worker that dies right after
+leaves running jobs, which the API's reaper fails or retries.
+
+While its GPU is busy a worker *reserves* the batch it will take next and decodes its inputs ahead. Reserved
+jobs stay queued (clients see their queue position, a cancel withdraws them); a reservation only steers
+choices: a worker claims its own reserved jobs first, and other busy workers reserve past them. An idle
+worker ignores other workers' reservations (it starts the oldest job at once), and a reservation of a worker
+whose heartbeat expired counts for nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from redis import Redis
+
+from service import keys, queue
+from service.jobs import CHANGE_JOB_LUA, JobRecord, encode_fields
+
+# Lua functions of both scripts.
+#   queued_jobs: the valid entries of the queue in order, each {entry, id, attempt, duration, steps, samples,
+#     holder} with holder 'own', 'other' (reserved by another live worker) or 'free'. An entry is stale when
+#     its job is no longer queued at that attempt (canceled, expired, re-queued as a later attempt); stale
+#     entries are removed with their RQ hash when `drop_stale`.
+#   next_batch: the group (duration, steps) of the worker's oldest own reservation, else of the oldest job it
+#     may take; then the oldest jobs of that group it may take, as long as their samples (rows of the pass)
+#     add up to at most `limit` (the first job is taken whatever its size). Jobs reserved by others are taken
+#     only by a worker without reservations of its own that is allowed to (`takes_reserved`).
+SELECTION_LUA = """
+local function queued_jobs(queue_key, job_prefix, rq_prefix, reserved_prefix, worker_prefix, worker, drop_stale)
+  local found = {}
+  for _, entry in ipairs(redis.call('LRANGE', queue_key, 0, -1)) do
+    local id, attempt = string.match(entry, '^(.+)_(%d+)$')
+    local job = id and redis.call('HMGET', job_prefix .. id, 'status', 'attempts', 'params')
+    if job and job[1] == 'queued' and tonumber(job[2]) == tonumber(attempt) - 1 then
+      local params = cjson.decode(job[3])
+      local holder = redis.call('GET', reserved_prefix .. id)
+      local mark = 'free'
+      if holder == worker then
+        mark = 'own'
+      elseif holder and redis.call('EXISTS', worker_prefix .. holder) == 1 then
+        mark = 'other'
+      end
+      found[#found + 1] = {entry = entry, id = id, attempt = tonumber(attempt), duration = params.duration,
+                           steps = params.num_steps, samples = params.num_samples or 1, holder = mark}
+    elseif drop_stale then
+      redis.call('LREM', queue_key, 1, entry)
+      redis.call('DEL', rq_prefix .. entry)
+      if id then redis.call('DEL', reserved_prefix .. id) end
+    end
+  end
+  return found
+end
+
+local function next_batch(found, limit, takes_reserved)
+  local first = nil
+  for _, job in ipairs(found) do
+    if job.holder == 'own' then first = job; break end
+  end
+  local may_take_reserved = first == nil and takes_reserved
+  if first == nil then
+    for _, job in ipairs(found) do
+      if may_take_reserved or job.holder ~= 'other' then first = job; break end
+    end
+  end
+  local batch, rows = {}, 0
+  if first == nil or limit < 1 then return batch end
+  for _, job in ipairs(found) do
+    if job.duration == first.duration and job.steps == first.steps
+        and (may_take_reserved or job.holder ~= 'other') and (#batch == 0 or rows + job.samples <= limit) then
+      batch[#batch + 1] = job
+      rows = rows + job.samples
+    end
+  end
+  return batch
+end
+"""
+
+# KEYS: running set, status counts, queue list.
+# ARGV: worker, limit, job key prefix, job channel prefix, RQ job key prefix, reservation key prefix, worker
+#       heartbeat key prefix, then field/value pairs set on every claimed job.
+# Returns the claimed queue entries, oldest first.
+CLAIM_SCRIPT = (
+    CHANGE_JOB_LUA
+    + SELECTION_LUA
+    + """
+local found = queued_jobs(KEYS[3], ARGV[3], ARGV[5], ARGV[6], ARGV[7], ARGV[1], true)
+local claimed = {}
+for _, job in ipairs(next_batch(found, tonumber(ARGV[2]), true)) do
+  redis.call('LREM', KEYS[3], 1, job.entry)
+  redis.call('DEL', ARGV[5] .. job.entry, ARGV[6] .. job.id)
+  local fields = {'attempts', tostring(job.attempt)}
+  for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+  change_job(ARGV[3] .. job.id, KEYS[1], KEYS[2], ARGV[4] .. job.id, job.id, 'queued', '',
+             tostring(job.attempt - 1), 'running', 0, 'running', fields)
+  claimed[#claimed + 1] = job.entry
+end
+return claimed
+"""
+)
+
+# KEYS: queue list.
+# ARGV: worker, limit, job key prefix, reservation key prefix, worker heartbeat key prefix, reservation TTL (s).
+# Returns the reserved queue entries, oldest first; the worker's reservations outside them are dropped.
+RESERVE_SCRIPT = (
+    SELECTION_LUA
+    + """
+local found = queued_jobs(KEYS[1], ARGV[3], '', ARGV[4], ARGV[5], ARGV[1], false)
+local chosen, entries = {}, {}
+for _, job in ipairs(next_batch(found, tonumber(ARGV[2]), false)) do
+  redis.call('SET', ARGV[4] .. job.id, ARGV[1], 'EX', ARGV[6])
+  chosen[job.id] = true
+  entries[#entries + 1] = job.entry
+end
+for _, job in ipairs(found) do
+  if job.holder == 'own' and not chosen[job.id] then redis.call('DEL', ARGV[4] .. job.id) end
+end
+return entries
+"""
+)
+
+
+class QueueClaims:
+    """One worker's view of its variant's queue: claim a batch, reserve the next one, wait for work."""
+
+    def __init__(self, redis: Redis, variant: str, worker_name: str, reservation_seconds: float) -> None:
+        self.redis = redis
+        self.worker_name = worker_name
+        self.queue_key = queue.list_key(variant)
+        self.reservation_seconds = max(1, math.ceil(reservation_seconds))  # renewed at every reserve
+        self._claim = redis.register_script(CLAIM_SCRIPT)
+        self._reserve = redis.register_script(RESERVE_SCRIPT)
+
+    def claim(self, limit: int, model: dict[str, Any]) -> list[JobRecord]:
+        """Take the next batch (at most ``limit`` samples): each job becomes ``running`` under this worker, its
+        attempt counted, its start time and the loaded ``model`` recorded."""
+        fields = {
+            "worker": self.worker_name,
+            "started_at": time.time(),
+            "model": model,
+            "progress": {"stage": "starting", "fraction": 0.0},
+        }
+        pairs = [item for pair in encode_fields(fields).items() for item in pair]
+        entries = self._claim(
+            keys=[keys.RUNNING_JOBS, keys.STATUS_COUNTS, self.queue_key],
+            args=[
+                self.worker_name,
+                limit,
+                keys.job(""),
+                keys.job_events(""),
+                queue.RQ_JOB_PREFIX,
+                queue.RESERVATION_PREFIX,
+                keys.worker(""),
+                *pairs,
+            ],
+        )
+        ids = [queue.parse_rq_job_id(entry.decode())[0] for entry in entries]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(keys.job(job_id))
+            return [JobRecord.from_hash(raw) for raw in pipe.execute() if raw]
+
+    def reserve(self, limit: int) -> list[str]:
+        """Reserve the batch this worker would claim next; returns its queue entries (``<job id>_<attempt>``)."""
+        entries = self._reserve(
+            keys=[self.queue_key],
+            args=[
+                self.worker_name,
+                limit,
+                keys.job(""),
+                queue.RESERVATION_PREFIX,
+                keys.worker(""),
+                self.reservation_seconds,
+            ],
+        )
+        return [entry.decode() for entry in entries]
+
+    def release(self) -> None:
+        """Drop every reservation of this worker (when it stops)."""
+        self.reserve(0)
+
+    def wait_for_work(self, timeout_seconds: float) -> None:
+        """Block until the queue holds an entry, or at most ``timeout_seconds``."""
+        # Moving the head to the head of the same list changes nothing, but blocks while the list is empty.
+        self.redis.blmove(self.queue_key, self.queue_key, timeout_seconds, src="LEFT", dest="LEFT")
