@@ -25,11 +25,10 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from torchvision.transforms import v2
 
 from model.media import mux_video
 from model.video import FramePath, load_video
-from tests.media_factory import make_video, sine
+from tests.media_factory import make_video, official_frames, sine
 
 AUDIO_RATE = 44100
 NAIVE_BIT_RATE = 10_000_000
@@ -53,33 +52,6 @@ def timed(fn: Callable[[], object]) -> tuple[object, Timing]:
 
 # ---------------------------------------------------------------------------------------------
 # the naive path
-
-
-def naive_frames(path: Path, duration_sec: float) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray], Fraction]:
-    frames, times = [], []
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        fps = stream.guessed_rate
-        for frame in container.decode(stream):
-            if 0 <= frame.time <= duration_sec:
-                frames.append(frame.to_ndarray(format="rgb24"))
-                times.append(frame.time)
-    picked = {}
-    for rate in (8.0, 25.0):
-        picked[rate], next_time = [], 0.0
-        for time_sec, rgb in zip(times, frames, strict=True):
-            while time_sec >= next_time:
-                picked[rate].append(rgb)
-                next_time += 1 / rate
-    bicubic = v2.InterpolationMode.BICUBIC
-    to_float = v2.ToDtype(torch.float32, scale=True)
-    clip_tf = v2.Compose([v2.Resize((384, 384), bicubic), to_float])
-    sync_tf = v2.Compose([v2.Resize(224, bicubic), v2.CenterCrop(224), to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
-    clip = clip_tf(torch.from_numpy(np.stack(picked[8.0])).permute(0, 3, 1, 2))
-    sync = sync_tf(torch.from_numpy(np.stack(picked[25.0])).permute(0, 3, 1, 2))
-    duration_sec = min(duration_sec, clip.shape[0] / 8, sync.shape[0] / 25)
-    return clip[: int(8 * duration_sec)], sync[: int(25 * duration_sec)], frames, fps
 
 
 def naive_reencode(frames: list[np.ndarray], fps: Fraction, audio: torch.Tensor, out_path: Path) -> None:
@@ -116,9 +88,9 @@ def peak_rss_mb() -> float:
 
 
 def run_naive(clip: Path, duration: float, audio: torch.Tensor, out: Path) -> Run:
-    (clip_f, sync_f, frames, fps), frames_time = timed(lambda: naive_frames(clip, duration))
-    _, write_time = timed(lambda: naive_reencode(frames, fps, audio, out))
-    return Run(frames_time, write_time, peak_rss_mb(), clip_f, sync_f)
+    official, frames_time = timed(lambda: official_frames(clip, duration))
+    _, write_time = timed(lambda: naive_reencode(official.rgb, official.fps, audio, out))
+    return Run(frames_time, write_time, peak_rss_mb(), official.clip, official.sync)
 
 
 def run_ours(clip: Path, duration: float, audio: torch.Tensor, out: Path, frame_path: FramePath) -> Run:

@@ -42,6 +42,11 @@ def read_state_dict(path: str | Path, container: str | None = None) -> dict[str,
     return sd
 
 
+def _without(state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
+    prefixes = tuple(prefixes)
+    return {k: v for k, v in state_dict.items() if not (prefixes and k.startswith(prefixes))}
+
+
 def check_keys(
     module: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -49,9 +54,8 @@ def check_keys(
     ignore_prefixes: Iterable[str] = (),
 ) -> None:
     """Raise CheckpointError unless ``state_dict`` has exactly the module's keys and shapes."""
-    ignore = tuple(ignore_prefixes)
     expected = module.state_dict()
-    given = {k: v for k, v in state_dict.items() if not (ignore and k.startswith(ignore))}
+    given = _without(state_dict, ignore_prefixes)
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     mismatched = sorted(
@@ -70,6 +74,6 @@ def load_checked(
     ignore_prefixes: Iterable[str] = (),
 ) -> None:
     """Strictly load ``state_dict`` into ``module`` after check_keys (keys under ignore_prefixes dropped)."""
-    ignore = tuple(ignore_prefixes)
-    check_keys(module, state_dict, source, ignore)
-    module.load_state_dict({k: v for k, v in state_dict.items() if not (ignore and k.startswith(ignore))})
+    kept = _without(state_dict, ignore_prefixes)
+    check_keys(module, kept, source)
+    module.load_state_dict(kept)

@@ -32,6 +32,10 @@ MASTER_FORMAT = "flac"  # written for every job; the other audio formats are con
 AUDIO_FORMATS = ("flac", "wav", "m4a")
 
 
+# parameter -> the setting that bounds it
+DEPLOYMENT_LIMITS = {"duration": "max_duration", "num_steps": "max_num_steps", "num_samples": "max_num_samples"}
+
+
 class JobParams(BaseModel):
     """What a client may set on submit. Defaults follow the official demo.
 
@@ -63,26 +67,10 @@ class JobParams(BaseModel):
             raise ValueError(f"at most {limit} characters")
         return value
 
-    @field_validator("duration")
+    @field_validator("duration", "num_steps", "num_samples")
     @classmethod
-    def _duration_limit(cls, value: float, info: ValidationInfo) -> float:
-        limit = _settings(info).max_duration
-        if value > limit:
-            raise ValueError(f"at most {limit} seconds")
-        return value
-
-    @field_validator("num_steps")
-    @classmethod
-    def _steps_limit(cls, value: int, info: ValidationInfo) -> int:
-        limit = _settings(info).max_num_steps
-        if value > limit:
-            raise ValueError(f"at most {limit}")
-        return value
-
-    @field_validator("num_samples")
-    @classmethod
-    def _samples_limit(cls, value: int, info: ValidationInfo) -> int:
-        limit = _settings(info).max_num_samples
+    def _deployment_limit(cls, value: float, info: ValidationInfo) -> float:
+        limit = getattr(_settings(info), DEPLOYMENT_LIMITS[info.field_name])
         if value > limit:
             raise ValueError(f"at most {limit}")
         return value

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+import torch
 
 RED = (230, 30, 30)
 MARKER_FRACTION = 0.25  # the red block covers this share of the width and of the height
@@ -135,3 +137,43 @@ def make_unknown_codec(path: Path, source: Path) -> Path:
     """``source`` (an H.264 mp4) with its sample-entry fourcc renamed, so no decoder claims it."""
     path.write_bytes(source.read_bytes().replace(b"avc1", b"zzz1").replace(b"avcC", b"zzzC"))
     return path
+
+
+@dataclass
+class OfficialFrames:
+    clip: torch.Tensor  # (T, 3, 384, 384) float in [0, 1]
+    sync: torch.Tensor  # (T, 3, 224, 224) float in [-1, 1]
+    duration_sec: float
+    rgb: list[np.ndarray]  # every decoded frame up to the duration, full resolution (the naive path keeps them)
+    fps: Fraction
+
+
+def official_frames(path: Path, duration_sec: float) -> OfficialFrames:
+    """The spec's loader written out plainly (the naive path): every frame to full-size RGB, picked per rate
+    by frame time, then torchvision v2 on the stacks."""
+    from torchvision.transforms import v2
+
+    decoded = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        fps = stream.guessed_rate
+        for frame in container.decode(stream):
+            if 0 <= frame.time <= duration_sec:
+                decoded.append((frame.time, frame.to_ndarray(format="rgb24")))
+    picked = {}
+    for rate in (8.0, 25.0):
+        picked[rate], next_time = [], 0.0
+        for time, rgb in decoded:
+            while time >= next_time:
+                picked[rate].append(rgb)
+                next_time += 1 / rate
+    bicubic = v2.InterpolationMode.BICUBIC
+    to_float = v2.ToDtype(torch.float32, scale=True)
+    clip_tf = v2.Compose([v2.Resize((384, 384), bicubic), to_float])
+    sync_tf = v2.Compose([v2.Resize(224, bicubic), v2.CenterCrop(224), to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
+    clip = clip_tf(torch.from_numpy(np.stack(picked[8.0])).permute(0, 3, 1, 2))
+    sync = sync_tf(torch.from_numpy(np.stack(picked[25.0])).permute(0, 3, 1, 2))
+    duration_sec = min(duration_sec, clip.shape[0] / 8.0, sync.shape[0] / 25.0)
+    rgb = [frame for _, frame in decoded]
+    return OfficialFrames(clip[: int(8.0 * duration_sec)], sync[: int(25.0 * duration_sec)], duration_sec, rgb, fps)

@@ -8,7 +8,6 @@ import os
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -18,6 +17,7 @@ from media_factory import (
     make_truncated,
     make_unknown_codec,
     make_video,
+    official_frames,
 )
 from torchvision.transforms import v2
 
@@ -43,30 +43,6 @@ def media(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("media")
 
 
-def official_frames(path: Path, duration_sec: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The spec's loader written out plainly: all frames to RGB, picked per rate, torchvision v2 on the stacks."""
-    decoded = []
-    with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            decoded.append((frame.time, frame.to_ndarray(format="rgb24")))
-    picked = {}
-    for fps in (8.0, 25.0):
-        picked[fps], next_time = [], 0.0
-        for time, rgb in decoded:
-            if 0 <= time <= duration_sec:
-                while time >= next_time:
-                    picked[fps].append(rgb)
-                    next_time += 1 / fps
-    bicubic = v2.InterpolationMode.BICUBIC
-    to_float = v2.ToDtype(torch.float32, scale=True)
-    clip_tf = v2.Compose([v2.Resize((384, 384), bicubic), to_float])
-    sync_tf = v2.Compose([v2.Resize(224, bicubic), v2.CenterCrop(224), to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
-    clip = clip_tf(torch.from_numpy(np.stack(picked[8.0])).permute(0, 3, 1, 2))
-    sync = sync_tf(torch.from_numpy(np.stack(picked[25.0])).permute(0, 3, 1, 2))
-    duration_sec = min(duration_sec, clip.shape[0] / 8.0, sync.shape[0] / 25.0)
-    return clip[: int(8.0 * duration_sec)], sync[: int(25.0 * duration_sec)], duration_sec
-
-
 @pytest.mark.parametrize(
     ("fps", "size", "seconds", "duration"),
     [
@@ -77,11 +53,11 @@ def official_frames(path: Path, duration_sec: float) -> tuple[torch.Tensor, torc
 )
 def test_exact_path_equals_the_official_pipeline(media: Path, fps, size, seconds, duration) -> None:
     path = make_video(media / f"oracle_{fps}_{size[0]}x{size[1]}.mp4", seconds, fps, size)
-    clip, sync, expected_duration = official_frames(path, duration)
+    official = official_frames(path, duration)
     video = load_video(path, duration)
-    assert video.duration_sec == expected_duration
-    assert torch.equal(video.clip_frames, clip)
-    assert torch.equal(video.sync_frames, sync)
+    assert video.duration_sec == official.duration_sec
+    assert torch.equal(video.clip_frames, official.clip)
+    assert torch.equal(video.sync_frames, official.sync)
     assert (video.width, video.height) == size
     assert video.fps == fps
 
