@@ -10,6 +10,10 @@
    float32 noise): relative L2 error of the encoder features, the first guided velocity, the sampled
    latents, the mel and the waveform (issue 4: the output within 2e-2 of fp32), and of the waveform
    that the bf16 VAE and vocoder make from the fp32 latents (the decoders' own share).
+3. End to end without HTTP: a 1080p 8 s mp4 -> model inputs -> generation -> stream-copy mux, with the
+   exact and the fast frame path (issue 4 target for the whole service path: 1.5 s).
+
+--sections and --variants pick a subset (e.g. a short second run).
 
 The JSON is rewritten after every measurement, so a run cut short still leaves what it measured;
 measurements that would start after --time-limit seconds are skipped and listed as such.
@@ -19,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,9 @@ from bench.pipeline import (
     random_pipeline,
     table,
 )
-from model.pipeline import Pipeline, PreparedRequest
+from model.media import mux_video
+from model.pipeline import GenerationRequest, Pipeline, PreparedRequest
+from tests.media_factory import make_video
 
 BF16_TOLERANCE = 2e-2  # issue 4: relative to fp32
 LATENCY_TARGETS = {"large_44k_v2": 0.45, "small_16k": 0.3}  # issue 4: seconds of model time at batch 1
@@ -74,6 +81,7 @@ class Record:
             "cuda_graphs": {},
             "bf16_vs_fp32": {},
             "decoder_seconds": {},
+            "end_to_end": {},
             "skipped": [],
         }
         self.save()
@@ -199,6 +207,38 @@ def graphs_against_eager(pipe: Pipeline, video: Path, plan: Plan) -> dict[str, f
 
 
 # ---------------------------------------------------------------------------------------------
+# an upload's path, HTTP aside: 1080p mp4 -> model inputs -> generation -> muxed mp4
+
+
+@torch.inference_mode()
+def end_to_end(pipe: Pipeline, folder: Path, plan: Plan) -> dict[str, dict[str, float]]:
+    """Median seconds of decode, model and mux for one clip, with the exact and the fast frame path."""
+    size = (320, 240) if plan.tiny else (1920, 1080)
+    video = make_video(folder / "upload.mp4", plan.duration + 1, 30, size, texture=True)
+    request = GenerationRequest(
+        prompt="surf", duration=plan.duration, num_steps=plan.steps, cfg_strength=plan.cfg, video=video
+    )
+    results = {}
+    for frame_path in ("exact", "fast"):
+        pipe.frame_path = frame_path
+        runs = []
+        for _ in range(plan.warmup + plan.repeats):
+            start = time.perf_counter()
+            prepared = pipe.prepare(request)
+            decoded = time.perf_counter()
+            result = pipe.generate_prepared([prepared])[0]
+            generated = time.perf_counter()
+            mux_video(video, result.audio[:1], result.sample_rate, folder / "result.mp4", result.duration)
+            done = time.perf_counter()
+            runs.append({"decode": decoded - start, "model": generated - decoded, "mux": done - generated})
+        runs = runs[plan.warmup :]
+        median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        results[frame_path] = {**median, "total": sum(median.values()), "size": list(size)}
+    pipe.frame_path = "exact"
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -226,7 +266,10 @@ def print_summary(columns: dict[str, Column], precision: dict[str, dict[str, flo
             print(f"  {stage:26s} {error:.2e}")
 
 
-def run(plan: Plan, device: str, out: Path, time_limit: float) -> None:
+SECTIONS = ("timings", "graphs", "precision", "e2e")
+
+
+def run(plan: Plan, device: str, out: Path, time_limit: float, sections: tuple[str, ...] = SECTIONS) -> None:
     start = time.perf_counter()
     record = Record(out, machine=machine(device), plan=asdict(plan), device=device, time_limit_s=time_limit)
     columns: dict[str, Column] = {}
@@ -246,7 +289,7 @@ def run(plan: Plan, device: str, out: Path, time_limit: float) -> None:
             if not time_left(f"{variant}: building the bf16 pipeline"):
                 continue
             pipe = random_pipeline(arch, device, torch.bfloat16)
-            for batch in plan.batches:
+            for batch in plan.batches if "timings" in sections else ():
                 name = f"{variant} b{batch}"
                 if not time_left(f"{name}: timings"):
                     continue
@@ -259,13 +302,17 @@ def run(plan: Plan, device: str, out: Path, time_limit: float) -> None:
                 columns[name] = Column(variant, measurement)
                 official = None if plan.tiny else official_reference(variant, batch)
                 record.add("timings", name, {**as_json(measurement), "official_h100": official})
-            if device.startswith("cuda") and pipe.graphed_sampler is not None and time_left(f"{variant}: graphs"):
+            graphs = "graphs" in sections and device.startswith("cuda") and pipe.graphed_sampler is not None
+            if graphs and time_left(f"{variant}: graphs"):
                 try:
                     record.add("cuda_graphs", variant, graphs_against_eager(pipe, video, plan))
                 except Exception as exc:  # report it and go on: the other numbers still count
                     record.add("cuda_graphs", variant, {"error": repr(exc)})
                 print(f"cuda graphs: {record.data['cuda_graphs'][variant]}", flush=True)
-            if time_left(f"{variant}: bf16 vs fp32"):
+            if "e2e" in sections and time_left(f"{variant}: end to end"):
+                record.add("end_to_end", variant, end_to_end(pipe, Path(tmp), plan))
+                print(f"end to end: {record.data['end_to_end'][variant]}", flush=True)
+            if "precision" in sections and time_left(f"{variant}: bf16 vs fp32"):
                 reference = random_pipeline(arch, device, torch.float32)  # the same seed: the same weights
                 precision[variant] = bf16_against_fp32(pipe, reference, video, plan)
                 record.add("bf16_vs_fp32", variant, precision[variant])
@@ -290,8 +337,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 s, 2 steps, batch 1 and 2")
     parser.add_argument("--time-limit", type=float, default=420.0, help="start no measurement after this (s)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--variants", default=",".join(Plan.variants), help="comma-separated variants")
     args = parser.parse_args()
-    run(SMOKE if args.smoke else Plan(), args.device, args.out, args.time_limit)
+    plan = SMOKE if args.smoke else Plan()
+    plan = replace(plan, variants=tuple(args.variants.split(",")))
+    run(plan, args.device, args.out, args.time_limit, tuple(args.sections.split(",")))
 
 
 if __name__ == "__main__":
