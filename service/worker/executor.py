@@ -4,7 +4,8 @@ The jobs of a batch share the model's pass but end on their own. Each progress r
 still in it, and its answer decides that job alone: a cancel request ends it as canceled, a passed deadline
 as failed (`timeout`), a job the reaper took away is dropped; its result, if the pass still makes one, is
 discarded. The pass itself stops only when no job is left in it. A job whose input cannot be decoded fails
-before the pass, alone.
+before the pass, alone; when a shared pass fails (out of GPU memory at that batch size, say), each of its
+jobs is run again alone, so only a job that fails on its own ends as failed.
 
 The stages run on different threads of the worker: inputs are prepared ahead by the prefetcher (or here
 when they were not), the pass runs on the main thread, results are encoded and stored by the finisher while
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from redis import Redis
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
@@ -85,6 +87,12 @@ class ActiveJob:
     def prepared(self) -> PreparedRequest:
         assert self.input is not None, "a job without input has ended before the pass"
         return self.input.prepared
+
+
+def release_cached_memory() -> None:
+    """Hand the GPU memory the failed pass left cached back to the allocator before the next try."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def problem_of(err: Exception) -> dict[str, Any]:
@@ -205,10 +213,19 @@ class JobExecutor:
         except JobTimeoutException:
             raise  # the whole batch's, handled in run
         except Exception as err:
-            log.exception("batch of %d job(s) failed", len(group))
-            for job in group:
-                if not job.ended:
-                    self._end(job, JobStatus.failed, error=problem_of(err))
+            live = [job for job in group if not job.ended]
+            if len(live) > 1:
+                # Out of memory at this batch size, or one job's input the others should not pay for: each
+                # job gets a pass of its own before any of them fails.
+                log.exception("batch of %d jobs failed; running each alone", len(live))
+                release_cached_memory()
+                results: dict[str, GenerationResult] = {}
+                for job in live:
+                    results |= self._generate_group([job])
+                return results
+            log.exception("job %s failed", live[0].record.id if live else "-")
+            for job in live:
+                self._end(job, JobStatus.failed, error=problem_of(err))
             return {}
         return {job.record.id: output for job, output in zip(group, outputs, strict=True) if not job.ended}
 

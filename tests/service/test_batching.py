@@ -23,6 +23,7 @@ import av
 import httpx
 import numpy as np
 import pytest
+import torch
 from redis import Redis
 from service_harness import (
     CLIENT_TIMEOUT,
@@ -35,12 +36,14 @@ from service_harness import (
     wait_until,
 )
 
+from model.pipeline import Pipeline, PreparedRequest, Progress
 from service import keys, queue, workers
 from service.jobs import JobRecord, JobStore
 from service.schemas import JobStatus
 from service.settings import Settings
-from service.storage import RedisStore
+from service.storage import RedisStore, result_name
 from service.worker.claims import QueueClaims
+from service.worker.executor import JobExecutor
 
 VARIANT = "small_16k"
 BATCH_SETTINGS = {
@@ -67,8 +70,19 @@ def job_store(redis_server: str) -> Iterator[JobStore]:
     redis.flushdb()
 
 
-def queue_job(jobs: JobStore, duration: float, num_steps: int = 2, num_samples: int = 1) -> str:
-    params = {"variant": VARIANT, "duration": duration, "num_steps": num_steps, "num_samples": num_samples}
+def queue_job(jobs: JobStore, duration: float, num_steps: int = 2, num_samples: int = 1, prompt: str = "") -> str:
+    params = {
+        "prompt": prompt,
+        "negative_prompt": "",
+        "duration": duration,
+        "num_steps": num_steps,
+        "cfg_strength": 4.5,
+        "seed": 1,
+        "mask_away_clip": False,
+        "num_samples": num_samples,
+        "variant": VARIANT,
+        "output_format": "flac",
+    }
     record = JobRecord(str(uuid.uuid4()), "test", JobStatus.queued, time.time(), params, {"kind": "text"}, {})
     jobs.create(record)
     return record.id
@@ -147,6 +161,37 @@ def test_reservations_steer_busy_workers_and_never_hold_back_an_idle_one(job_sto
     assert second.reserve(8) == [entry[ids[3]]]
     second.release()
     assert not job_store.redis.exists(queue.RESERVATION_PREFIX + ids[3])
+
+
+def test_a_failed_shared_pass_runs_each_job_alone(job_store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that fails as a whole (out of GPU memory at that size, injected here: the tiny model fits
+    anywhere) costs no job its result: each job gets a pass of its own, and only one that fails alone too
+    ends as failed."""
+    ids = [queue_job(job_store, 1.0, prompt=prompt) for prompt in ("rain", "thunder", "wind")]
+    pipeline = Pipeline.tiny(VARIANT)
+    generate = pipeline.generate_prepared
+    passes: list[list[str]] = []
+
+    def fails_in_batches(prepared: list[PreparedRequest], progress: Progress | None = None) -> list:
+        passes.append([p.request.prompt for p in prepared])
+        if len(prepared) > 1:
+            raise torch.OutOfMemoryError("injected: no room for a batch of this size")
+        if prepared[0].request.prompt == "thunder":
+            raise RuntimeError("injected: this job fails on its own too")
+        return generate(prepared, progress)
+
+    monkeypatch.setattr(pipeline, "generate_prepared", fails_in_batches)
+    executor = JobExecutor(job_store.redis, job_store, job_store.store, pipeline, "w1")
+    records = worker_claims(job_store, "w1").claim(8, executor.model_info())
+    assert [record.id for record in records] == ids
+    executor.finish(*executor.run(records, {}))
+
+    assert passes == [["rain", "thunder", "wind"], ["rain"], ["thunder"], ["wind"]]
+    rain, thunder, wind = (job_store.get(job_id) for job_id in ids)
+    assert rain.status is wind.status is JobStatus.succeeded and rain.timings["batch_size"] == 1
+    assert thunder.status is JobStatus.failed and "fails on its own" in thunder.error["detail"]
+    assert job_store.store.size(result_name(wind.id, 0, "flac")) == wind.result["sizes"]["0.flac"] > 0
+    assert not executor.held_jobs() and not job_store.running_ids()
 
 
 # --- end to end ---------------------------------------------------------------------------------------------------
