@@ -52,6 +52,7 @@ local function change_job(job_key, running_key, counts_key, channel, job_id, all
     redis.call('HINCRBY', counts_key, status, 1)
   end
   if tonumber(expire_seconds) > 0 then redis.call('EXPIRE', job_key, expire_seconds) end
+  redis.call('HINCRBY', job_key, 'revision', 1)
   redis.call('PUBLISH', channel, event)
   return {1, status, redis.call('HGET', job_key, 'cancel') or ''}
 end
@@ -96,6 +97,7 @@ class JobRecord:
     attempts: int = 0
     worker: str | None = None
     cancel_requested: bool = False
+    revision: int = 1  # counts the job's applied changes: the id of its server-sent events
 
     @property
     def variant(self) -> str:
@@ -111,6 +113,7 @@ class JobRecord:
             "attempts": str(self.attempts),
             "worker": self.worker or "",
             "cancel": "1" if self.cancel_requested else "",
+            "revision": str(self.revision),
         }
         for name in ("started_at", "finished_at"):
             value = getattr(self, name)
@@ -151,6 +154,7 @@ class JobRecord:
             attempts=int(data.get("attempts") or 0),
             worker=data.get("worker") or None,
             cancel_requested=bool(data.get("cancel")),
+            revision=int(data.get("revision") or 1),
         )
 
 

@@ -14,6 +14,7 @@ from service.jobs import JobRecord
 from service.views import job_view
 
 KEEPALIVE_SECONDS = 15.0
+RECONNECT_MILLISECONDS = 2000  # how long a client waits before it reconnects a dropped stream
 
 
 async def job_updates(
@@ -75,20 +76,27 @@ def sse_event(event: str, data: dict, event_id: int) -> bytes:
     return f"event: {event}\nid: {event_id}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def sse_stream(state: AppState, job_id: str, base_url: str) -> AsyncIterator[bytes]:
+def last_event_id(header: str | None) -> int:
+    """The revision a reconnecting client has seen (its `Last-Event-ID`); 0 when absent or not ours."""
+    return int(header) if header and header.isdigit() else 0
+
+
+async def sse_stream(state: AppState, job_id: str, base_url: str, seen: int = 0) -> AsyncIterator[bytes]:
     """Server-sent events: ``status`` when the status changes, ``progress`` for anything else, each with the
-    whole job object; ends after the final status."""
+    whole job object and the job's revision as its id; ends after the final status. A client that has seen
+    revision ``seen`` gets only later ones (each event carries the whole state, so nothing is lost)."""
     previous_status = None
     previous_view = None
-    event_id = 0
+    yield f"retry: {RECONNECT_MILLISECONDS}\n\n".encode()
     async for record in job_updates(state, job_id):
         if record is None:
             yield b": keep-alive\n\n"
+            continue
+        if record.revision <= seen:
             continue
         position = await run_in_threadpool(state.jobs.queue_position, record)
         view = job_view(record, base_url, position)
         if view == previous_view:
             continue
-        event_id += 1
-        yield sse_event("status" if record.status != previous_status else "progress", view, event_id)
+        yield sse_event("status" if record.status != previous_status else "progress", view, record.revision)
         previous_status, previous_view = record.status, view

@@ -38,17 +38,20 @@ def submit_video(client: httpx.Client, path: Path, headers: dict | None = None, 
         return client.post("/v1/jobs", data=fields, files=files, headers=headers or {})
 
 
-def read_sse(client: httpx.Client, url: str) -> list[tuple[str, dict]]:
-    """Every (event, job) of a job's event stream, until the server ends it."""
-    events, name = [], None
-    with client.stream("GET", url, timeout=CLIENT_TIMEOUT) as response:
+def read_sse(client: httpx.Client, url: str, last_event_id: int | None = None) -> list[tuple[str, int, dict]]:
+    """Every (event, id, job) of a job's event stream, until the server ends it."""
+    events, name, event_id = [], None, None
+    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    with client.stream("GET", url, headers=headers, timeout=CLIENT_TIMEOUT) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
             if line.startswith("event: "):
                 name = line.removeprefix("event: ")
+            elif line.startswith("id: "):
+                event_id = int(line.removeprefix("id: "))
             elif line.startswith("data: "):
-                events.append((name, json.loads(line.removeprefix("data: "))))
+                events.append((name, event_id, json.loads(line.removeprefix("data: "))))
     return events
 
 
@@ -84,12 +87,14 @@ def test_video_job_end_to_end(stack: Stack, alice: httpx.Client, media: Media) -
     assert job["model"]["weights"]["kind"] == "tiny" and job["model"]["weights"]["random_weights"] is True
 
     events = read_sse(alice, job["links"]["events"])
-    statuses = [data["status"] for name, data in events if name == "status"]
+    statuses = [data["status"] for name, _, data in events if name == "status"]
     assert statuses[-1] == "succeeded", events[-1]
     assert "running" in statuses
-    fractions = [d["progress"]["fraction"] for _, d in events if (d["progress"] or {}).get("stage") == "sampling"]
+    fractions = [d["progress"]["fraction"] for _, _, d in events if (d["progress"] or {}).get("stage") == "sampling"]
     assert fractions and fractions == sorted(fractions)
-    done = events[-1][1]
+    ids = [event_id for _, event_id, _ in events]
+    assert ids == sorted(set(ids)), ids  # the job's revisions: increasing, across connections too
+    done = events[-1][2]
     elapsed = time.monotonic() - started
 
     # the 1.6 s video shortens the 8 s request; the result says so
@@ -211,6 +216,44 @@ def test_prefer_wait_gives_up_after_n_seconds(alice: httpx.Client) -> None:
     assert 1.0 <= time.monotonic() - started < 10
     assert alice.post(f"/v1/jobs/{response.json()['id']}/cancel").status_code in (200, 202)
     wait_for_status(alice, response.json()["id"], {"canceled"})
+
+
+def first_sse_event(client: httpx.Client, url: str, last_event_id: int) -> tuple[str, int, dict]:
+    """The first event of a stream resumed after ``last_event_id``; the connection is dropped after it."""
+    name = event_id = None
+    with client.stream("GET", url, headers={"Last-Event-ID": str(last_event_id)}, timeout=CLIENT_TIMEOUT) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("id: "):
+                event_id = int(line.removeprefix("id: "))
+            elif line.startswith("data: "):
+                return name, event_id, json.loads(line.removeprefix("data: "))
+    raise AssertionError("the stream ended without an event")
+
+
+def test_event_stream_resumes_after_last_event_id(alice: httpx.Client) -> None:
+    job = alice.post("/v1/jobs", json=SLOW).json()
+    events = job["links"]["events"]
+    wait_for_sampling(alice, job["id"])
+    _, seen, state = first_sse_event(alice, events, 0)
+    assert state["progress"]["stage"] == "sampling"
+    _, later, _ = first_sse_event(alice, events, seen)  # the next step's progress, not the state already seen
+    assert later > seen
+
+    assert alice.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    final = wait_for_status(alice, job["id"], {"canceled"}, timeout=60)
+    replay = read_sse(alice, events, last_event_id=later)
+    assert replay[-1][0] == "status" and replay[-1][2]["status"] == "canceled"
+    last = replay[-1][1]
+    assert all(event_id > later for _, event_id, _ in replay)
+    # seen the end: 204 tells an EventSource to stop reconnecting; a garbled id counts as none
+    assert alice.get(events, headers={"Last-Event-ID": str(last)}).status_code == 204
+    assert read_sse(alice, events, last_event_id=last - 1) == [("status", last, replay[-1][2])]
+    fresh = alice.get(events, headers={"Last-Event-ID": "not-a-number"})
+    assert fresh.status_code == 200 and f"id: {last}" in fresh.text
+    assert replay[-1][2]["finished_at"] == final["finished_at"]
 
 
 def test_idempotent_resubmit(alice: httpx.Client, bob: httpx.Client, media: Media) -> None:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.api.events import sse_stream, wait_until_finished
+from service.api.events import last_event_id, sse_stream, wait_until_finished
 from service.api.ranges import byte_range, content_disposition
 from service.api.state import app_state, base_url, current_owner, owned_job
 from service.problems import MEDIA_TYPE as PROBLEM_MEDIA_TYPE
@@ -118,15 +118,31 @@ def get_job(request: Request, job_id: str, owner: Owner) -> Response:
     "/{job_id}/events",
     summary="Follow a job (server-sent events)",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, 404: PROBLEM_RESPONSE},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        204: {"description": "The client has seen the final revision already (`Last-Event-ID`)."},
+        404: PROBLEM_RESPONSE,
+    },
 )
-async def job_events(request: Request, job_id: str, owner: Owner) -> StreamingResponse:
+async def job_events(
+    request: Request,
+    job_id: str,
+    owner: Owner,
+    last_event: Annotated[
+        str | None, Header(alias="Last-Event-ID", description="The id of the last event received.")
+    ] = None,
+) -> Response:
     """`event: status` whenever the status changes and `event: progress` for every other change, each with
-    the whole job object as data; the stream ends after the final status."""
+    the whole job object as data and the job's revision as id; the stream ends after the final status.
+    A reconnecting client (`Last-Event-ID`) gets only newer revisions, and 204 once it has seen the final one
+    (which tells an EventSource to stop reconnecting)."""
     state = app_state(request)
-    await run_in_threadpool(owned_job, state, job_id, owner)
+    record = await run_in_threadpool(owned_job, state, job_id, owner)
+    seen = last_event_id(last_event)
+    if record.status.terminal and record.revision <= seen:
+        return Response(status_code=204)
     return StreamingResponse(
-        sse_stream(state, job_id, base_url(request)),
+        sse_stream(state, job_id, base_url(request), seen),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
