@@ -199,6 +199,12 @@ class JobStore:
             pipe.hset(keys.job(record.id), mapping=record.to_hash())
             pipe.expire(keys.job(record.id), self.settings.upload_ttl_seconds)
             pipe.hincrby(keys.STATUS_COUNTS, JobStatus.queued.value, 1)
+            # the owner's index outlives none of its jobs: a job lives at most this long after its creation
+            lifetime = self.settings.upload_ttl_seconds + self.settings.result_ttl_seconds
+            index = keys.owner_jobs(record.owner)
+            pipe.zadd(index, {record.id: record.created_at})
+            pipe.zremrangebyscore(index, "-inf", f"({record.created_at - lifetime!r}")
+            pipe.expire(index, lifetime)
             queue.enqueue(
                 self.redis,
                 record.variant,
@@ -328,6 +334,33 @@ class JobStore:
         elif outcome.status is JobStatus.running:
             self.update(record.id, (JobStatus.running,), event="cancel", cancel="1")
         return self.get(record.id)
+
+    def owned(
+        self, owner: str, limit: int, before: float | None = None, statuses: set[JobStatus] | None = None
+    ) -> tuple[list[JobRecord], float | None]:
+        """The owner's jobs created before ``before`` (all when None), newest first, at most ``limit``, only
+        those in ``statuses`` when given; and the cursor of the next page (None on the last page)."""
+        index = keys.owner_jobs(owner)
+        top = "+inf" if before is None else f"({before!r}"
+        found: list[JobRecord] = []
+        while True:
+            chunk = self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit + 1, withscores=True)
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in chunk:
+                    pipe.hgetall(keys.job(job_id.decode()))
+                raws = pipe.execute()
+            for (job_id, created), raw in zip(chunk, raws, strict=True):
+                if not raw:
+                    self.redis.zrem(index, job_id)  # expired
+                    continue
+                record = JobRecord.from_hash(raw)
+                if statuses is None or record.status in statuses:
+                    if len(found) == limit:
+                        return found, found[-1].created_at
+                    found.append(record)
+                top = f"({created!r}"
+            if len(chunk) <= limit:
+                return found, None
 
     def queue_position(self, record: JobRecord) -> int | None:
         if record.status is not JobStatus.queued:

@@ -19,6 +19,11 @@ def job_events(job_id: str) -> str:
     return f"{PREFIX}events:{job_id}"
 
 
+def owner_jobs(owner: str) -> str:
+    """Sorted set of one owner's job ids by creation time (for listing); ids of expired jobs are pruned."""
+    return f"{PREFIX}owner:{owner}:jobs"
+
+
 def idempotency(owner: str, key_digest: str) -> str:
     return f"{PREFIX}idem:{owner}:{key_digest}"
 

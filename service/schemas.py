@@ -209,6 +209,13 @@ class Job(BaseModel):
     links: Links
 
 
+class JobPage(BaseModel):
+    """One page of the caller's jobs, newest first."""
+
+    jobs: list[Job]
+    next: str | None = Field(None, description="URL of the next (older) page; null on the last page.")
+
+
 class ProblemDetails(BaseModel):
     """RFC 9457 problem details, the body of every error (media type application/problem+json)."""
 

@@ -97,6 +97,7 @@ class Settings(BaseSettings):
     max_num_samples: int = Field(4, gt=0, description="Most samples one job may ask for.")
     max_queue: int = Field(100, gt=0, description="Queued jobs per variant beyond which submits get 429.")
     max_wait_seconds: float = Field(60.0, ge=0, description="Cap on `Prefer: wait=N`.")
+    max_page_size: int = Field(100, gt=0, description="Cap on `limit` of a job listing (`GET /v1/jobs`).")
 
     # --- jobs ---------------------------------------------------------------------------------------------------
     max_batch: int = Field(

@@ -31,6 +31,8 @@ from service_harness import (
     wait_until,
 )
 
+from service import keys
+
 
 def submit_video(client: httpx.Client, path: Path, headers: dict | None = None, **fields: str) -> httpx.Response:
     with path.open("rb") as handle:
@@ -375,6 +377,51 @@ def test_api_keys_isolate_jobs(stack: Stack, alice: httpx.Client, bob: httpx.Cli
     assert wrong.status_code == 401
     assert wrong.json()["type"] == "urn:mmaudio:problem:unauthorized"
     wait_for_status(alice, job["id"], {"succeeded"})
+
+
+def all_pages(client: httpx.Client, url: str) -> tuple[list[dict], int]:
+    """Every job of a listing, following its `next` links; and the number of pages."""
+    jobs, pages = [], 0
+    while url:
+        response = client.get(url)
+        assert response.status_code == 200, response.text
+        jobs += response.json()["jobs"]
+        url, pages = response.json()["next"], pages + 1
+    return jobs, pages
+
+
+def test_job_listing_pages_filters_and_isolates(stack: Stack, alice: httpx.Client, bob: httpx.Client) -> None:
+    mine = [bob.post("/v1/jobs", json=QUICK | {"prompt": f"take {i}"}, headers=WAIT).json() for i in range(4)]
+    canceled = bob.post("/v1/jobs", json=SLOW).json()
+    assert bob.post(f"/v1/jobs/{canceled['id']}/cancel").status_code in (200, 202)
+    wait_for_status(bob, canceled["id"], {"canceled"})
+    alices = alice.post("/v1/jobs", json=QUICK, headers=WAIT).json()
+
+    listed, pages = all_pages(bob, "/v1/jobs?limit=2")
+    ids = [job["id"] for job in listed]
+    assert ids[:5] == [canceled["id"], *(job["id"] for job in reversed(mine))]  # newest first
+    assert len(ids) == len(set(ids)) and pages == (len(ids) + 1) // 2
+    assert alices["id"] not in ids and all(job["links"]["self"].endswith(job["id"]) for job in listed)
+    created = [job["created_at"] for job in listed]
+    assert created == sorted(created, reverse=True)
+
+    only, _ = all_pages(bob, "/v1/jobs?status=canceled&limit=1")
+    assert canceled["id"] in {job["id"] for job in only} and {job["status"] for job in only} == {"canceled"}
+    both, _ = all_pages(bob, "/v1/jobs?status=canceled&status=succeeded")
+    assert {job["id"] for job in both} == set(ids)
+
+    # an expired job drops out of the listing (and its index)
+    redis = Redis.from_url(stack.env["MMAUDIO_REDIS_URL"])
+    index = keys.owner_jobs(redis.hget(keys.job(mine[0]["id"]), "owner").decode())
+    assert redis.zscore(index, mine[0]["id"]) is not None
+    redis.delete(keys.job(mine[0]["id"]))
+    assert mine[0]["id"] not in {job["id"] for job in all_pages(bob, "/v1/jobs")[0]}
+    assert redis.zscore(index, mine[0]["id"]) is None
+
+    for bad in ("status=done", "limit=0", "before=yesterday"):
+        response = bob.get(f"/v1/jobs?{bad}")
+        assert response.status_code == 422, bad
+        assert response.json()["type"] == "urn:mmaudio:problem:validation-error"
 
 
 def test_result_before_the_end_is_a_conflict(alice: httpx.Client) -> None:

@@ -6,6 +6,7 @@ import re
 import tempfile
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -16,7 +17,7 @@ from service.api.ranges import byte_range, content_disposition
 from service.api.state import app_state, base_url, current_owner, owned_job
 from service.problems import MEDIA_TYPE as PROBLEM_MEDIA_TYPE
 from service.problems import ProblemError
-from service.schemas import Job, JobParams, JobStatus, ProblemDetails, ResultFormat
+from service.schemas import Job, JobPage, JobParams, JobStatus, ProblemDetails, ResultFormat
 from service.storage import result_name
 from service.transcode import convert_result
 from service.uploads import read_submit_body
@@ -26,6 +27,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 Owner = Annotated[str, Depends(current_owner)]
 CONTENT_TYPES = {"mp4": "video/mp4", "flac": "audio/flac", "wav": "audio/wav", "m4a": "audio/mp4"}
+DEFAULT_PAGE_SIZE = 20
 PROBLEM_RESPONSE = {"model": ProblemDetails, "content": {PROBLEM_MEDIA_TYPE: {}}}
 
 _form_fields = {
@@ -104,6 +106,31 @@ async def submit_job(
     position = await run_in_threadpool(state.jobs.queue_position, record)
     view = job_view(record, base_url(request), position)
     return JSONResponse(view, 200 if record.status.terminal else 202, headers)
+
+
+@router.get(
+    "",
+    response_model=JobPage,
+    summary="List your jobs",
+    responses={code: PROBLEM_RESPONSE for code in (401, 422)},
+)
+def list_jobs(
+    request: Request,
+    owner: Owner,
+    status: Annotated[list[JobStatus] | None, Query(description="Only jobs in these statuses (repeatable).")] = None,
+    limit: Annotated[int, Query(ge=1, description="Jobs per page (capped by the deployment).")] = DEFAULT_PAGE_SIZE,
+    before: Annotated[float | None, Query(description="Page cursor: take it from the `next` link.")] = None,
+) -> Response:
+    """The caller's jobs that have not expired, newest first, a page at a time."""
+    state = app_state(request)
+    limit = min(limit, state.settings.max_page_size)
+    records, cursor = state.jobs.owned(owner, limit, before, set(status) if status else None)
+    url = base_url(request)
+    page = {"jobs": [job_view(record, url, state.jobs.queue_position(record)) for record in records], "next": None}
+    if cursor is not None:
+        query = [("limit", limit), ("before", repr(cursor)), *(("status", s.value) for s in status or ())]
+        page["next"] = f"{url.rstrip('/')}/v1/jobs?{urlencode(query)}"
+    return JSONResponse(page)
 
 
 @router.get("/{job_id}", response_model=Job, summary="Read a job", responses={404: PROBLEM_RESPONSE})
