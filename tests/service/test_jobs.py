@@ -40,21 +40,30 @@ def submit_video(client: httpx.Client, path: Path, headers: dict | None = None, 
         return client.post("/v1/jobs", data=fields, files=files, headers=headers or {})
 
 
-def read_sse(client: httpx.Client, url: str, last_event_id: int | None = None) -> list[tuple[str, int, dict]]:
-    """Every (event, id, job) of a job's event stream, until the server ends it."""
-    events, name, event_id = [], None, None
+def parsed_events(response: httpx.Response) -> Iterator[tuple[str, int, dict]]:
+    """(event, id, job) of each server-sent event as it arrives."""
+    name, event_id = "", 0
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("id: "):
+            event_id = int(line.removeprefix("id: "))
+        elif line.startswith("data: "):
+            yield name, event_id, json.loads(line.removeprefix("data: "))
+
+
+def follow_events(client: httpx.Client, url: str, last_event_id: int | None = None) -> Iterator[tuple[str, int, dict]]:
+    """A job's event stream, resumed after ``last_event_id`` when given; closed when the caller stops."""
     headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
     with client.stream("GET", url, headers=headers, timeout=CLIENT_TIMEOUT) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("id: "):
-                event_id = int(line.removeprefix("id: "))
-            elif line.startswith("data: "):
-                events.append((name, event_id, json.loads(line.removeprefix("data: "))))
-    return events
+        yield from parsed_events(response)
+
+
+def read_sse(client: httpx.Client, url: str, last_event_id: int | None = None) -> list[tuple[str, int, dict]]:
+    """Every (event, id, job) of a job's event stream, until the server ends it."""
+    return list(follow_events(client, url, last_event_id))
 
 
 def video_packets(data: bytes | Path) -> list[tuple[bytes, float, float, bool]]:
@@ -222,17 +231,11 @@ def test_prefer_wait_gives_up_after_n_seconds(alice: httpx.Client) -> None:
 
 def first_sse_event(client: httpx.Client, url: str, last_event_id: int) -> tuple[str, int, dict]:
     """The first event of a stream resumed after ``last_event_id``; the connection is dropped after it."""
-    name = event_id = None
-    with client.stream("GET", url, headers={"Last-Event-ID": str(last_event_id)}, timeout=CLIENT_TIMEOUT) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("id: "):
-                event_id = int(line.removeprefix("id: "))
-            elif line.startswith("data: "):
-                return name, event_id, json.loads(line.removeprefix("data: "))
-    raise AssertionError("the stream ended without an event")
+    stream = follow_events(client, url, last_event_id)
+    try:
+        return next(stream)
+    finally:
+        stream.close()
 
 
 def test_event_stream_resumes_after_last_event_id(alice: httpx.Client) -> None:
