@@ -20,7 +20,7 @@ import logging
 import socket
 import time
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from redis import Redis
@@ -57,22 +57,35 @@ def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def check_url(url: str, allow_private: bool) -> None:
+def check_url(url: str, allow_private: bool) -> str:
     """Refuse URLs a webhook must not reach (raises ValueError): other schemes, and unless allowed, hosts that
-    resolve to loopback, private, link-local or otherwise internal addresses."""
+    resolve to loopback, private, link-local or otherwise internal addresses. Returns the checked address
+    the delivery connects to."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("webhook_url must be an absolute http or https URL")
-    if allow_private:
-        return
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443)}
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as err:
         raise ValueError(f"webhook host {parts.hostname!r} does not resolve") from err
-    for address in addresses:
+    addresses = [info[4][0] for info in infos]
+    for address in addresses if not allow_private else ():
         ip = ipaddress.ip_address(address.split("%")[0])
         if not ip.is_global:
             raise ValueError(f"webhook host {parts.hostname!r} resolves to a non-public address ({ip})")
+    return addresses[0]
+
+
+def pinned_request(url: str, address: str) -> tuple[str, str, dict[str, str]]:
+    """(URL, Host header, request extensions) that reach ``url``'s server at the checked ``address``: the
+    connection cannot be steered elsewhere by a second DNS answer, while the Host header and, for https,
+    the TLS server name and certificate check stay those of the URL's host."""
+    parts = urlsplit(url)
+    credentials, _, host_and_port = parts.netloc.rpartition("@")
+    ip = f"[{address}]" if ":" in address else address
+    netloc = (f"{credentials}@" if credentials else "") + ip + (f":{parts.port}" if parts.port else "")
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return urlunsplit(parts._replace(netloc=netloc)), host_and_port, extensions
 
 
 class WebhookSender:
@@ -118,22 +131,24 @@ class WebhookSender:
     def _post(self, url: str, job_id: str, status: JobStatus, job: dict) -> str | None:
         """One delivery; returns None on success, else why it failed."""
         try:
-            check_url(url, self.settings.webhook_allow_private)
+            address = check_url(url, self.settings.webhook_allow_private)
         except ValueError as err:
             return str(err)
+        target, host, extensions = pinned_request(url, address)
         body = json.dumps(
             {"type": f"job.{status.value}", "timestamp": datetime.now(UTC).isoformat(), "data": job}
         ).encode()
         message_id = f"msg_{job_id}"
         timestamp = int(time.time())
         headers = {
+            "host": host,
             "content-type": "application/json",
             "webhook-id": message_id,
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signature(self.settings.webhook_secret or "", message_id, timestamp, body),
         }
         try:
-            response = self.client.post(url, content=body, headers=headers)
+            response = self.client.post(target, content=body, headers=headers, extensions=extensions)
         except httpx.HTTPError as err:
             return f"{type(err).__name__}: {err}"
         if response.is_success:

@@ -347,6 +347,7 @@ def test_webhook_is_signed_and_retried(alice: httpx.Client, receiver: WebhookRec
 
     (first_headers, _), (headers, body) = receiver.requests[:2]
     assert headers["webhook-id"] == first_headers["webhook-id"] == f"msg_{job['id']}"
+    assert headers["host"] == receiver.url.split("/")[2]  # sent to the checked address, named as in the URL
     assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
     key = base64.b64decode(WEBHOOK_SECRET.removeprefix("whsec_"))
     signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body

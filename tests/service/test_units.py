@@ -12,7 +12,7 @@ from service.auth import ANONYMOUS, KeyRing
 from service.problems import ProblemError
 from service.settings import Settings, settings_table
 from service.uploads import safe_filename
-from service.webhooks import check_url, signature
+from service.webhooks import check_url, pinned_request, signature
 
 
 def test_every_setting_is_documented() -> None:
@@ -75,6 +75,15 @@ def test_webhooks_to_internal_addresses_are_refused(url: str) -> None:
     with pytest.raises(ValueError):
         check_url(url, allow_private=False)
     check_url(url, allow_private=True)
+
+
+def test_webhook_deliveries_connect_to_the_checked_address() -> None:
+    assert check_url("http://127.0.0.1:9/hook", allow_private=True) == "127.0.0.1"
+    target, host, extensions = pinned_request("https://user:pw@hooks.example.com:8443/in?x=1", "93.184.216.34")
+    assert target == "https://user:pw@93.184.216.34:8443/in?x=1"
+    assert host == "hooks.example.com:8443" and extensions == {"sni_hostname": "hooks.example.com"}
+    target, host, extensions = pinned_request("http://hooks.example.com/in", "2606:2800:220:1::1")
+    assert (target, host, extensions) == ("http://[2606:2800:220:1::1]/in", "hooks.example.com", {})
 
 
 def test_webhook_urls_need_http() -> None:
