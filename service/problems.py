@@ -43,6 +43,7 @@ PROBLEMS = _catalogue(
     ProblemType("corrupt-media", 422, "The video does not decode"),
     ProblemType("video-too-short", 422, "The video is too short to generate audio for"),
     ProblemType("media-limits", 422, "The video is longer or larger than the service accepts"),
+    ProblemType("media-timeout", 422, "Reading the upload took longer than the service allows"),
     ProblemType("variant-unavailable", 422, "This deployment does not serve that model variant"),
     ProblemType("webhooks-disabled", 422, "This deployment does not send webhooks"),
     ProblemType("idempotency-key-reused", 422, "The Idempotency-Key was used for a different request"),

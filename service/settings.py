@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     max_queue: int = Field(100, gt=0, description="Queued jobs per variant beyond which submits get 429.")
     max_wait_seconds: float = Field(60.0, ge=0, description="Cap on `Prefer: wait=N`.")
     max_page_size: int = Field(100, gt=0, description="Cap on `limit` of a job listing (`GET /v1/jobs`).")
+    probe_processes: int = Field(
+        2, ge=1, description="Child processes of the API that probe uploads (a crash or hang on a file costs one)."
+    )
+    probe_timeout_seconds: float = Field(20.0, gt=0, description="An upload that takes longer to probe gets 422.")
 
     # --- jobs ---------------------------------------------------------------------------------------------------
     max_batch: int = Field(

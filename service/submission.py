@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from redis import Redis
 
 from service import keys, queue, workers
-from service.inspection import inspect_upload
 from service.jobs import JobRecord, JobStore
+from service.probing import ProbePool
 from service.problems import ProblemError
 from service.schemas import EffectiveParams, InputInfo, JobParams, JobStatus
 from service.settings import Settings
@@ -53,11 +53,12 @@ def estimate_wait_seconds(redis: Redis, settings: Settings, variant: str) -> int
 
 
 class Submitter:
-    def __init__(self, redis: Redis, settings: Settings, jobs: JobStore, store: BlobStore) -> None:
+    def __init__(self, redis: Redis, settings: Settings, jobs: JobStore, store: BlobStore, probes: ProbePool) -> None:
         self.redis = redis
         self.settings = settings
         self.jobs = jobs
         self.store = store
+        self.probes = probes
 
     def check_capacity(self, variant: str) -> None:
         if queue.depth(self.redis, variant) >= self.settings.max_queue:
@@ -90,7 +91,7 @@ class Submitter:
 
         input_info = InputInfo(kind=kind)
         if body.file is not None:
-            media = inspect_upload(body.file.path, body.file.field, self.settings)
+            media = self.probes.inspect(body.file.path, body.file.field)
             input_info = InputInfo(
                 kind=kind, filename=body.file.filename, size=body.file.size, sha256=body.file.sha256, media=media
             )

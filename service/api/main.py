@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,6 +23,7 @@ from service.auth import KeyRing
 from service.jobs import JobStore
 from service.maintenance import Maintenance, MaintenanceThread
 from service.metrics import RedisCollector
+from service.probing import ProbePool
 from service.problems import MEDIA_TYPE, PROBLEMS, ProblemError, problem_body
 from service.settings import Settings, get_settings
 from service.storage import make_store
@@ -75,13 +77,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         events = AsyncRedis.from_url(settings.redis_address)
         store = make_store(settings, redis)
         job_store = JobStore(redis, settings, store)
+        probes = ProbePool(settings)
+        threading.Thread(target=probes.start, name="mmaudio-probe-start", daemon=True).start()
         app.state.mmaudio = AppState(
             settings=settings,
             redis=redis,
             events=events,
             store=store,
             jobs=job_store,
-            submitter=Submitter(redis, settings, job_store, store),
+            submitter=Submitter(redis, settings, job_store, store, probes),
             keyring=KeyRing.from_settings(settings),
         )
         registry = CollectorRegistry()
@@ -99,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             upkeep.stop()
             webhooks.close()
+            probes.close()
             await events.aclose()
             redis.close()
 
