@@ -60,17 +60,8 @@ def redis_ping(port: int) -> bool:
 @pytest.fixture(scope="session")
 def stack(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The main deployment: API keys on, one worker (tests may add more)."""
-    main = make_stack(redis_server, tmp_path_factory.mktemp("main"), "main", 0, MAIN_SETTINGS)
-    main.start_worker()
-    main.start_api()
-    try:
-        main.wait_for_workers(1)
+    with make_stack(redis_server, tmp_path_factory.mktemp("main"), "main", 0, MAIN_SETTINGS).running(1) as main:
         yield main
-    except BaseException:
-        print(main.logs())
-        raise
-    finally:
-        main.stop()
 
 
 def keyed_client(stack: Stack, key: str) -> httpx.Client:

@@ -15,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,23 @@ class Stack:
     def logs(self) -> str:
         processes = [*([self.api] if self.api else []), *self.workers]
         return "\n".join(f"--- {p.name} ---\n{p.tail()}" for p in processes)
+
+    @contextmanager
+    def running(self, workers: int = 0) -> Iterator[Stack]:
+        """The API and ``workers`` ready workers while the block runs; every process's log tail is printed
+        when the block fails, and everything is stopped after it."""
+        for _ in range(workers):
+            self.start_worker()
+        self.start_api()
+        try:
+            if workers:
+                self.wait_for_workers(workers)
+            yield self
+        except BaseException:
+            print(self.logs())
+            raise
+        finally:
+            self.stop()
 
 
 def make_stack(redis_server: str, folder: Path, name: str, database: int, settings: dict[str, str]) -> Stack:

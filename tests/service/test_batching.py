@@ -201,16 +201,8 @@ def test_a_failed_shared_pass_runs_each_job_alone(job_store: JobStore, monkeypat
 def batch_stack(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """small_16k, tiny weights, no API keys, one worker (batches of up to 8 by default)."""
     stack = make_stack(redis_server, tmp_path_factory.mktemp("batching"), "batching", 3, BATCH_SETTINGS)
-    stack.start_worker()
-    stack.start_api()
-    try:
-        stack.wait_for_workers(1)
+    with stack.running(1):
         yield stack
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
 
 
 @pytest.fixture

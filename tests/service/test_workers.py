@@ -91,15 +91,8 @@ def crash_stack(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
         "MMAUDIO_JOB_TIMEOUT_SECONDS": str(CRASH_JOB_TIMEOUT),
         "MMAUDIO_MAX_NUM_STEPS": str(OVERRUN["num_steps"]),
     }
-    crash = make_stack(redis_server, folder, "crash", 1, settings)
-    crash.start_api()
-    try:
+    with make_stack(redis_server, folder, "crash", 1, settings).running() as crash:
         yield crash
-    except BaseException:
-        print(crash.logs())
-        raise
-    finally:
-        crash.stop()
 
 
 def kill(worker: Process) -> None:
@@ -149,14 +142,8 @@ def retry_stack(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
         2,
         CRASH_SETTINGS | {"MMAUDIO_RETRY_ABANDONED_JOBS": "true"},
     )
-    retry.start_api()
-    try:
+    with retry.running():
         yield retry
-    except BaseException:
-        print(retry.logs())
-        raise
-    finally:
-        retry.stop()
 
 
 def test_sigkilled_worker_job_is_retried_once(retry_stack: Stack) -> None:
