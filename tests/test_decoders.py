@@ -6,12 +6,13 @@ import copy
 import functools
 import json
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
 
 from model.checkpoint import CheckpointError
-from model.recipe import manifest_of, synth_state_dict
+from model.recipe import synth_module_state_dict
 from model.vae import VAE_16K, VAE_44K, VAEConfig, VAEDecoder, load_vae_decoder
 from model.vocoder import (
     BIGVGAN_16K,
@@ -25,36 +26,23 @@ from model.vocoder import (
 REFERENCE = Path(__file__).parent / "reference"
 VAE_TINY = [VAE_16K.tiny(), VAE_44K.tiny()]
 VOCODER_TINY = [BIGVGAN_16K.tiny(), BIGVGAN_V2_44K.tiny()]
-
-
-def recipe_state_dict(module: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Recipe weights for the module's keys; model constants (mel statistics, filter taps) stay the module's own."""
-    own = module.state_dict()
-    return {**own, **synth_state_dict(manifest_of(own), seed)}
+Decoder = TypeVar("Decoder", VAEDecoder, BigVGAN)
 
 
 @functools.cache
-def tiny_vae(config: VAEConfig) -> tuple[VAEDecoder, dict[str, torch.Tensor]]:
-    """A loaded tiny decoder and its state dict, shared by the tests (which must not modify them)."""
-    vae = VAEDecoder(config).eval()
-    state = recipe_state_dict(vae)
-    vae.load_official(state)
-    return vae, state
-
-
-@functools.cache
-def tiny_vocoder(config: VocoderConfig) -> tuple[BigVGAN, dict[str, torch.Tensor]]:
-    """A loaded tiny vocoder and its state dict, shared by the tests (which must not modify them)."""
-    vocoder = BigVGAN(config).eval()
-    state = recipe_state_dict(vocoder)
-    vocoder.load_official(state)
-    return vocoder, state
+def tiny_decoder(build: type[Decoder], config: VAEConfig | VocoderConfig) -> tuple[Decoder, dict[str, torch.Tensor]]:
+    """A loaded tiny VAE decoder or vocoder and its recipe state dict (seed 0, the module's own constants),
+    shared by the tests (which must not modify them)."""
+    module = build(config).eval()
+    state = synth_module_state_dict(module, 0)
+    module.load_official(state)
+    return module, state
 
 
 @pytest.mark.parametrize("config", VAE_TINY, ids=["16k", "44k"])
 @torch.inference_mode()
 def test_vae_decodes_latents_to_twice_as_many_mel_frames(config: VAEConfig) -> None:
-    vae, _ = tiny_vae(config)
+    vae, _ = tiny_decoder(VAEDecoder, config)
     for length in (1, 7):
         mel = vae.decode(torch.randn(2, length, config.latent_dim))
         assert mel.shape == (2, config.n_mels, 2 * length)
@@ -63,14 +51,14 @@ def test_vae_decodes_latents_to_twice_as_many_mel_frames(config: VAEConfig) -> N
 
 @torch.inference_mode()
 def test_vae_batch_items_are_decoded_independently() -> None:
-    vae, _ = tiny_vae(VAE_TINY[0])
+    vae, _ = tiny_decoder(VAEDecoder, VAE_TINY[0])
     latent = torch.randn(2, 9, VAE_TINY[0].latent_dim)
     torch.testing.assert_close(vae.decode(latent)[1:], vae.decode(latent[1:]))
 
 
 @torch.inference_mode()
 def test_vae_weights_are_forced_to_unit_norm_at_load() -> None:
-    vae, state = tiny_vae(VAE_TINY[0])
+    vae, state = tiny_decoder(VAEDecoder, VAE_TINY[0])
     raw, loaded = state["decoder.conv_in.weight"].flatten(1), vae.decoder.conv_in.weight.flatten(1)
     ones = torch.ones(raw.shape[0])
     assert not torch.allclose(raw.norm(dim=1), ones, atol=1e-2)
@@ -82,7 +70,7 @@ def test_vae_weights_are_forced_to_unit_norm_at_load() -> None:
 @torch.inference_mode()
 def test_vae_mel_statistics_come_from_the_checkpoint() -> None:
     config = VAE_TINY[0]
-    vae, state = tiny_vae(config)
+    vae, state = tiny_decoder(VAEDecoder, config)
     latent = torch.randn(1, 5, config.latent_dim)
     plain = vae.decode(latent)
     mean, std = (
@@ -101,7 +89,7 @@ def test_vae_refuses_to_decode_with_raw_weights() -> None:
 
 def test_vae_file_with_encoder_loads_and_bad_decoder_keys_are_named(tmp_path: Path) -> None:
     config = VAE_TINY[1]
-    reference, state = tiny_vae(config)
+    reference, state = tiny_decoder(VAEDecoder, config)
     encoder = {"encoder.conv_in.weight": torch.randn(8, config.n_mels, 3), "encoder.learnable_gain": torch.zeros(())}
     path = tmp_path / "v1-44.pth"
     torch.save({**encoder, **state}, path)
@@ -123,7 +111,7 @@ def test_vae_file_with_encoder_loads_and_bad_decoder_keys_are_named(tmp_path: Pa
 @pytest.mark.parametrize("config", VOCODER_TINY, ids=["16k", "44k"])
 @torch.inference_mode()
 def test_vocoder_gives_hop_samples_per_mel_frame(config: VocoderConfig) -> None:
-    vocoder, _ = tiny_vocoder(config)
+    vocoder, _ = tiny_decoder(BigVGAN, config)
     for frames in (1, 5):
         audio = vocoder(torch.randn(2, config.n_mels, frames))
         assert audio.shape == (2, 1, frames * config.hop)
@@ -138,7 +126,7 @@ def test_tiny_vocoders_keep_the_official_rates() -> None:
 @pytest.mark.parametrize("config", VOCODER_TINY, ids=["v1_16k", "v2_44k"])
 @torch.inference_mode()
 def test_v1_ends_with_biased_conv_and_tanh_v2_with_bias_free_conv_and_clamp(config: VocoderConfig) -> None:
-    vocoder = copy.deepcopy(tiny_vocoder(config)[0])
+    vocoder = copy.deepcopy(tiny_decoder(BigVGAN, config)[0])
     assert (vocoder.conv_post.bias is not None) == (config is VOCODER_TINY[0])
     vocoder.conv_post.weight *= 1000  # drive the last conv well past +-1
     captured = []
@@ -153,7 +141,7 @@ def test_v1_ends_with_biased_conv_and_tanh_v2_with_bias_free_conv_and_clamp(conf
 @torch.inference_mode()
 def test_vocoder_legacy_weight_norm_names_load_the_same() -> None:
     config = VOCODER_TINY[1]  # NVIDIA's v2 files use the legacy names
-    vocoder, state = tiny_vocoder(config)
+    vocoder, state = tiny_decoder(BigVGAN, config)
     legacy = {
         k.replace(".parametrizations.weight.original0", ".weight_g").replace(
             ".parametrizations.weight.original1", ".weight_v"
@@ -172,7 +160,7 @@ def test_vocoder_legacy_weight_norm_names_load_the_same() -> None:
 
 def test_vocoder_file_with_a_bad_key_names_it(tmp_path: Path) -> None:
     config = VOCODER_TINY[0]
-    _, state = tiny_vocoder(config)
+    _, state = tiny_decoder(BigVGAN, config)
     path = tmp_path / "best_netG.pt"
     torch.save({"generator": state}, path)
     assert isinstance(load_vocoder(path, config), BigVGAN)
@@ -219,7 +207,7 @@ def test_full_size_vae_decoder_has_the_official_decoder_keys() -> None:
 
 @torch.inference_mode()
 def test_bfloat16_decode_and_vocode_track_float32() -> None:
-    vae, vocoder = tiny_vae(VAE_TINY[0])[0], tiny_vocoder(VOCODER_TINY[0])[0]
+    vae, vocoder = tiny_decoder(VAEDecoder, VAE_TINY[0])[0], tiny_decoder(BigVGAN, VOCODER_TINY[0])[0]
     latent = torch.randn(2, 3, VAE_TINY[0].latent_dim, generator=torch.Generator().manual_seed(0))
     mel = vae.decode(latent)
     audio = vocoder(mel)
