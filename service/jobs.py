@@ -349,9 +349,11 @@ class JobStore:
                 for job_id, _ in chunk:
                     pipe.hgetall(keys.job(job_id.decode()))
                 raws = pipe.execute()
-            for (job_id, created), raw in zip(chunk, raws, strict=True):
+            expired = [job_id for (job_id, _), raw in zip(chunk, raws, strict=True) if not raw]
+            if expired:
+                self.redis.zrem(index, *expired)
+            for (_, created), raw in zip(chunk, raws, strict=True):
                 if not raw:
-                    self.redis.zrem(index, job_id)  # expired
                     continue
                 record = JobRecord.from_hash(raw)
                 if statuses is None or record.status in statuses:

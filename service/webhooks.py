@@ -69,10 +69,11 @@ def check_url(url: str, allow_private: bool) -> str:
     except (socket.gaierror, UnicodeError) as err:
         raise ValueError(f"webhook host {parts.hostname!r} does not resolve") from err
     addresses = [info[4][0] for info in infos]
-    for address in addresses if not allow_private else ():
-        ip = ipaddress.ip_address(address.split("%")[0])
-        if not ip.is_global:
-            raise ValueError(f"webhook host {parts.hostname!r} resolves to a non-public address ({ip})")
+    if not allow_private:
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%")[0])
+            if not ip.is_global:
+                raise ValueError(f"webhook host {parts.hostname!r} resolves to a non-public address ({ip})")
     return addresses[0]
 
 
