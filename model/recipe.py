@@ -98,12 +98,14 @@ def synth_module_state_dict(module: torch.nn.Module, seed: int) -> dict[str, tor
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Identity of a state dict: sha256 over sorted keys, dtypes, shapes and raw bytes."""
+    """Identity of a state dict, byte for byte as the shared reference README specifies it: per key in sorted
+    order, the key, ``str(dtype)``, ``str(list(shape))`` of the flattened tensor and its raw little-endian bytes."""
     h = hashlib.sha256()
     for key in sorted(state_dict):
-        t = state_dict[key].detach().cpu().contiguous()
+        t = state_dict[key]
+        flat = t.detach().cpu().contiguous().reshape(-1)
         h.update(key.encode())
         h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(str(list(flat.shape)).encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
