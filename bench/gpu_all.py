@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.gpu_all --out /tmp/smoke.json --device cpu --smoke  # code paths, tiny sizes
 
 1. Timings: small_16k and large_44k_v2, bf16, 8 s from a generated mp4, 25 steps, cfg 4.5, random
-   full-size weights, batch 1 and batch 8: seconds per stage and peak GPU memory (bench.pipeline),
+   full-size weights, batch 1 and batch 8: seconds per stage and peak GPU memory (bench.stages),
    with the official code's numbers in brackets.
 2. bf16 against fp32 on identical inputs (the same weights, the frames of the same video, the same
    float32 noise): relative L2 error of the encoder features, the first guided velocity, the sampled
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.pipeline import (
+from bench.stages import (
     Measurement,
     architecture,
     as_json,
@@ -49,7 +49,7 @@ from bench.pipeline import (
 )
 from model.media import mux_video
 from model.pipeline import GenerationRequest, Pipeline, PreparedRequest
-from tests.media_factory import make_video
+from model.testkit import make_video
 
 BF16_TOLERANCE = 2e-2  # issue 4: relative to fp32
 LATENCY_TARGETS = {"large_44k_v2": 0.45, "small_16k": 0.3}  # issue 4: seconds of model time at batch 1

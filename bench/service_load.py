@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,9 +37,9 @@ from typing import get_args
 
 import httpx
 
+from model.testkit import frame_size, free_port, make_video
 from service.serve import STOP_GRACE_SECONDS
 from service.settings import Variant
-from tests.media_factory import make_video
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_SECONDS = 600.0  # a worker fetches or loads its weights and warms up before it is ready
@@ -56,15 +55,6 @@ class Outcome:
     job: dict
 
 
-def size(text: str) -> tuple[int, int]:
-    width, height = text.lower().split("x")
-    return int(width), int(height)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -217,7 +207,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--prompt", default="")
     parser.add_argument("--video", type=Path, help="upload this video with every job (default: text jobs)")
-    parser.add_argument("--video-size", type=size, help="upload a clip made here at WIDTHxHEIGHT, 25 fps, --duration")
+    parser.add_argument(
+        "--video-size", type=frame_size, help="upload a clip made here at WIDTHxHEIGHT, 25 fps, --duration"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="jobs run (one at a time) before measuring")
     parser.add_argument("--api-key", help="Bearer key, when the service requires one")
     parser.add_argument("--variant", choices=get_args(Variant), default="large_44k_v2", help="for the started service")

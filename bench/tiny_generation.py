@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.tiny_generation [--variant large_44k_v2] [--duration 8] [--steps 25]
         [--repeats 3] [--video PATH] [--size 1280x720] [--fps 30] [--torch-threads N]
 
-Makes an H.264 clip with PyAV (unless --video is given), loads ``Pipeline.tiny``, generates once to
+Makes an H.264 clip with PyAV (unless --video is given), loads ``model.build.tiny_pipeline``, generates once to
 warm up, then prints the median seconds of every stage over the repeats, the total, and the machine.
 The load average is printed too: on a 2-core machine other processes change the numbers a lot, and
 torch's OpenMP workers lose most when they have to share the cores.
@@ -18,16 +18,12 @@ from pathlib import Path
 
 import torch
 
-from bench.pipeline import batch_requests, machine, measure, table
-from model.pipeline import VARIANTS, Pipeline
-from tests.media_factory import make_video
+from bench.stages import batch_requests, machine, measure, table
+from model.build import VARIANTS, tiny_pipeline
+from model.testkit import frame_size, make_video
 
 TARGET_DURATION, TARGET_SECONDS = 8.0, 10.0  # issue 2: an 8 s generation in at most 10 s
 
-
-def size(text: str) -> tuple[int, int]:
-    width, height = text.lower().split("x")
-    return int(width), int(height)
 
 
 def main() -> None:
@@ -37,7 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--video", type=Path, help="an existing video instead of the generated clip")
-    parser.add_argument("--size", type=size, default=(1280, 720), help="generated clip's WIDTHxHEIGHT")
+    parser.add_argument("--size", type=frame_size, default=(1280, 720), help="generated clip's WIDTHxHEIGHT")
     parser.add_argument("--fps", type=int, default=30, help="generated clip's frame rate")
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
@@ -51,8 +47,8 @@ def main() -> None:
             print(f"making a {width}x{height} {args.fps} fps H.264 clip of {args.duration + 1:g} s ...", flush=True)
             video = make_video(Path(tmp) / "clip.mp4", args.duration + 1, args.fps, args.size, texture=True)
         start = time.perf_counter()
-        pipe = Pipeline.tiny(args.variant)
-        print(f"Pipeline.tiny({args.variant!r}) loaded in {time.perf_counter() - start:.2f} s", flush=True)
+        pipe = tiny_pipeline(args.variant)
+        print(f"tiny_pipeline({args.variant!r}) loaded in {time.perf_counter() - start:.2f} s", flush=True)
         result = measure(
             pipe,
             lambda tag: batch_requests(1, args.duration, args.steps, 4.5, video, tag),

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from model.media import mux_video
+from model.testkit import make_video, official_frames, sine
 from model.video import FramePath, load_video
-from tests.media_factory import make_video, official_frames, sine
 
 AUDIO_RATE = 44100
 NAIVE_BIT_RATE = 10_000_000

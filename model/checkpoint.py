@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
@@ -77,3 +78,20 @@ def load_checked(
     kept = _without(state_dict, ignore_prefixes)
     check_keys(module, kept, source)
     module.load_state_dict(kept)
+
+
+class Loadable:
+    """The one way every component is built: whole, from its config and a state dict (no half-loaded modules).
+
+    Subclasses define ``from_state_dict``; ``from_file`` reads an official checkpoint file for it.
+    """
+
+    container: ClassVar[str | None] = None  # the sub-dict of the official file holding the state dict
+
+    @classmethod
+    def from_state_dict(cls, config: Any, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Self:
+        raise NotImplementedError
+
+    @classmethod
+    def from_file(cls, config: Any, path: str | Path) -> Self:
+        return cls.from_state_dict(config, read_state_dict(path, cls.container), source=str(path))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import open_clip
@@ -19,10 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import check_keys, read_state_dict
-
-WEIGHTS_REPO = "apple/DFN5B-CLIP-ViT-H-14-384"
-WEIGHTS_FILE = "open_clip_pytorch_model.bin"
+from model.checkpoint import Loadable, check_keys
 
 # open_clip's model config of DFN5B-CLIP-ViT-H-14-384 (= its built-in 'ViT-H-14-378-quickgelu').
 DFN5B_MODEL_CFG: dict[str, Any] = {
@@ -75,7 +71,7 @@ def causal_mask(length: int) -> torch.Tensor:
     return torch.full((length, length), float("-inf")).triu(1)
 
 
-class ClipEncoder(nn.Module):
+class ClipEncoder(Loadable, nn.Module):
     def __init__(self, clip: open_clip.CLIP, config: ClipConfig) -> None:
         super().__init__()
         self.config = config
@@ -84,10 +80,10 @@ class ClipEncoder(nn.Module):
 
     @classmethod
     def from_state_dict(
-        cls, state_dict: Mapping[str, torch.Tensor], config: ClipConfig | None = None, source: str = "CLIP checkpoint"
+        cls, config: ClipConfig, state_dict: Mapping[str, torch.Tensor], source: str = "CLIP checkpoint"
     ) -> ClipEncoder:
-        """Build the open_clip model and load ``state_dict`` strictly (its keys are open_clip's)."""
-        config = config or ClipConfig()
+        """Build the open_clip model and load ``state_dict`` strictly (its keys are open_clip's, as in the hub's
+        ``open_clip_pytorch_model.bin``)."""
         # Built on the meta device and filled by assignment: random init of ~1B values would take longer
         # than loading, and would double peak memory.
         with torch.device("meta"):
@@ -135,14 +131,3 @@ class ClipEncoder(nn.Module):
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.encode_text(self.tokenize(prompts))
 
-
-def load_clip(
-    folder: str | Path,
-    config: ClipConfig | None = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> ClipEncoder:
-    """DFN5B CLIP from a local copy of the hub repo (``open_clip_pytorch_model.bin``); never downloads."""
-    path = Path(folder) / WEIGHTS_FILE
-    encoder = ClipEncoder.from_state_dict(read_state_dict(path), config, source=str(path))
-    return encoder.to(device, dtype)

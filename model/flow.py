@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.checkpoint import load_checked
+from model.checkpoint import Loadable, load_checked
 from model.sequence import SYNC_TOKENS_PER_SEGMENT
 
 # Convolution widths of the official architecture (shared by every variant).
@@ -312,7 +312,7 @@ def input_projection(first: nn.Module, activation: nn.Module | None, feed_forwar
     return nn.Sequential(*(m for m in (first, activation, feed_forward) if m is not None))
 
 
-class FlowNetwork(nn.Module):
+class FlowNetwork(Loadable, nn.Module):
     def __init__(self, config: FlowConfig) -> None:
         super().__init__()
         self.config = config

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from model.build import VARIANTS, load_pipeline
 from model.media import mux_video, write_audio
-from model.pipeline import VARIANTS, GenerationRequest, Pipeline
-from model.video import MediaError
-from model.weights import WeightsError
+from model.media_errors import MediaError
+from model.pipeline import GenerationRequest
+from model.weights.manifest import WeightsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         image=args.image,
     )
     try:
-        pipeline = Pipeline.load(
+        pipeline = load_pipeline(
             args.variant,
             weights=args.weights,
             weights_dir=args.weights_dir,

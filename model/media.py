@@ -16,7 +16,8 @@ import av
 import numpy as np
 import torch
 
-from model.video import MediaError, UnsupportedCodecError, open_video
+from model.media_errors import MediaError, UnsupportedCodecError
+from model.probe import open_video
 
 AudioFormatName = Literal["flac", "wav", "m4a"]
 

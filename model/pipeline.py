@@ -1,5 +1,6 @@
 """The whole generation: video, image or nothing + prompts in, waveform out.  Loaded once, generates many.
 
+model.build makes Pipelines (architectures, weights); this module runs them.
 Stages (each a method, so that the parity harness can record every intermediate):
   prepare  - CPU: decode the video or image into uint8 model frames; fixes the effective duration
   encode   - CLIP image features (8 fps), Synchformer features (25 fps), CLIP text features
@@ -12,55 +13,33 @@ Requests with the same sequence lengths and step count run as one batch.  Nothin
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import open_clip
 import torch
 from torch import Tensor
 
-from model import weights as official_files
-from model.checkpoint import read_state_dict
-from model.clip import ClipConfig, ClipEncoder, load_clip
-from model.flow import FLOW_CONFIGS, Conditions, FlowNetwork
+from model.clip import ClipEncoder
+from model.flow import Conditions, FlowNetwork
 from model.graphs import GraphedEulerSampler
-from model.recipe import synth_module_state_dict
 from model.sampler import euler_sample
-from model.sequence import (
-    AUDIO_16K,
-    AUDIO_44K,
-    SYNC_SEGMENT,
-    SYNC_STEP,
-    SYNC_TOKENS_PER_SEGMENT,
-    AudioFormat,
-    SequenceLengths,
-)
-from model.synchformer import (
-    VISUAL_PREFIX,
-    Synchformer,
-    SynchformerConfig,
-    load_synchformer,
-    synchformer_from_state_dict,
-)
-from model.vae import VAE_CONFIGS, VAEConfig, VAEDecoder, load_vae_decoder
-from model.video import VideoInputs, clip_input, load_image, load_video, sync_input
-from model.vocoder import VOCODER_CONFIGS, BigVGAN, VocoderConfig, load_vocoder
+from model.sequence import MIN_DURATION, SYNC_SEGMENT, SYNC_STEP, SYNC_TOKENS_PER_SEGMENT, SequenceLengths
+from model.synchformer import Synchformer
+from model.vae import VAEDecoder
+from model.video import FramePath, VideoInputs, clip_input, load_image, load_video, sync_input
+from model.vocoder import BigVGAN
+
+if TYPE_CHECKING:  # model.build makes Pipelines, so it imports this module
+    from model.build import Architecture
 
 log = logging.getLogger(__name__)
 
-VARIANTS = tuple(FLOW_CONFIGS)
-WeightsKind = Literal["official", "tiny"]
-FramePath = Literal["exact", "fast"]
-Progress = Callable[[str, float], None]  # (stage, fraction done); raising from it stops the generation
-
-TINY_SEED = 0  # the tiny preset's weights are the recipe's weights for this seed: the same everywhere
-TINY_NOTE = "random weights (tiny preset): the audio is a smoke test of the pipeline, not a model prediction"
+ProgressCallback = Callable[[str, float], None]  # (stage, fraction done); raising from it stops the generation
 
 
 class Cancelled(Exception):
@@ -116,64 +95,6 @@ class Features:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """The configuration of every module of one variant (official sizes, or the tiny preset's)."""
-
-    variant: str
-    audio: AudioFormat
-    flow: Any  # model.flow.FlowConfig
-    clip: ClipConfig
-    synchformer: SynchformerConfig
-    vae: VAEConfig
-    vocoder: VocoderConfig
-
-    @classmethod
-    def official(cls, variant: str, vocoder: VocoderConfig | None = None) -> Architecture:
-        flow = _flow_config(variant)
-        audio = audio_format(variant)
-        return cls(
-            variant,
-            audio,
-            flow,
-            ClipConfig(),
-            SynchformerConfig(),
-            VAE_CONFIGS[audio.name],
-            vocoder or VOCODER_CONFIGS[audio.name],
-        )
-
-    @classmethod
-    def tiny(cls, variant: str) -> Architecture:
-        official = cls.official(variant)
-        clip, synchformer = ClipConfig.tiny(), SynchformerConfig.tiny()
-        text_dim = clip.model_cfg["text_cfg"]["width"]
-        flow = official.flow.tiny(clip_dim=clip.model_cfg["embed_dim"], sync_dim=synchformer.dim, text_dim=text_dim)
-        return cls(variant, official.audio, flow, clip, synchformer, official.vae.tiny(), official.vocoder.tiny())
-
-
-def _flow_config(variant: str):
-    if variant not in FLOW_CONFIGS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    return FLOW_CONFIGS[variant]
-
-
-def audio_format(variant: str) -> AudioFormat:
-    return AUDIO_16K if _flow_config(variant).latent_dim == AUDIO_16K.latent_dim else AUDIO_44K
-
-
-# ---------------------------------------------------------------------------------------------
-# module construction
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _default_dtype(device: str) -> torch.dtype:
-    # the official demo runs bf16 on accelerators; fp32 on CPU (bf16 matmuls there are slow and inexact)
-    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-
-
 @contextmanager
 def _stage(timings: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
     start = time.perf_counter()
@@ -217,107 +138,6 @@ class Pipeline:
         # kernel launches, not arithmetic, bound the flow network on a GPU: replay captured steps there
         self.graphed_sampler = GraphedEulerSampler(self.flow) if cuda_graphs and self.device.type == "cuda" else None
 
-    @property
-    def weights_kind(self) -> WeightsKind:
-        return self.weights_info["kind"]
-
-    # -- construction ------------------------------------------------------------------------
-
-    @classmethod
-    def load(
-        cls,
-        variant: str = "large_44k_v2",
-        weights: WeightsKind = "official",
-        weights_dir: str | Path = "weights",
-        device: str | None = None,
-        dtype: torch.dtype | None = None,
-        frame_path: FramePath = "exact",
-        cuda_graphs: bool = True,
-    ) -> Pipeline:
-        """Official weights from ``weights_dir`` (model.weights lays them out), or the ``tiny`` random preset."""
-        device = device or _default_device()
-        dtype = dtype or _default_dtype(device)
-        if weights == "tiny":
-            return cls.tiny(variant, device=device, dtype=dtype, frame_path=frame_path, cuda_graphs=cuda_graphs)
-        if weights != "official":
-            raise ValueError(f"weights must be 'official' or 'tiny', not {weights!r}")
-        _flow_config(variant)
-        official_files.verify(variant, weights_dir, check_md5=False).raise_for_problems()
-        paths = official_files.paths_for(variant, weights_dir)
-        vocoder = None
-        if paths.vocoder_config is not None:  # BigVGAN-v2 ships its hyper-parameters; the 16k one is built in
-            vocoder = VocoderConfig.from_bigvgan_json(json.loads(paths.vocoder_config.read_text()))
-        arch = replace(
-            Architecture.official(variant, vocoder),
-            clip=ClipConfig.from_open_clip(json.loads(paths.clip_config.read_text())),
-        )
-        manifest = official_files.official_manifest()
-        flow_file = manifest.files[manifest.variants[variant]["flow"]]
-        # the published md5 of the flow checkpoint names the weights (verify() checks the files against it)
-        info = {"kind": "official", "random_weights": False, "id": f"{flow_file.file}:{flow_file.md5}"}
-        return cls.from_files(
-            arch, paths, info, device=device, dtype=dtype, frame_path=frame_path, cuda_graphs=cuda_graphs
-        )
-
-    @classmethod
-    def from_files(
-        cls, architecture: Architecture, paths: official_files.VariantPaths, weights_info: Mapping[str, Any], **kwargs
-    ) -> Pipeline:
-        """Load every checkpoint file in its official format (key names, containers, extra keys)."""
-        arch = architecture
-        return cls(
-            arch,
-            FlowNetwork.from_state_dict(arch.flow, read_state_dict(paths.flow), source=str(paths.flow)),
-            load_clip(paths.clip.parent, arch.clip),
-            load_synchformer(paths.synchformer, arch.synchformer),
-            load_vae_decoder(paths.vae, arch.vae),
-            load_vocoder(paths.vocoder, arch.vocoder),
-            {**weights_info, "files": [p.name for p in (paths.flow, paths.vae, paths.vocoder, paths.synchformer)]},
-            **kwargs,
-        )
-
-    @classmethod
-    def from_state_dicts(
-        cls,
-        architecture: Architecture,
-        state_dicts: Mapping[str, Mapping[str, Tensor]],
-        weights_info: Mapping[str, Any],
-        **kwargs: Any,
-    ) -> Pipeline:
-        """Build from in-memory state dicts in the official files' formats.
-
-        Keys of ``state_dicts``: flow, clip, synchformer (the whole Synchformer state dict), vae (the whole
-        VAE, encoder keys allowed), vocoder (the generator state dict).  Every one goes through the same
-        loaders as the official files, so the tiny preset and the parity fixtures test them too.
-        """
-        arch = architecture
-        flow = FlowNetwork.from_state_dict(arch.flow, state_dicts["flow"])
-        clip = ClipEncoder.from_state_dict(state_dicts["clip"], arch.clip)
-        synchformer = synchformer_from_state_dict(state_dicts["synchformer"], arch.synchformer)
-        vae = VAEDecoder(arch.vae)
-        vae.load_official(state_dicts["vae"])
-        vocoder = BigVGAN(arch.vocoder)
-        vocoder.load_official(state_dicts["vocoder"])
-        return cls(arch, flow, clip, synchformer, vae, vocoder, weights_info, **kwargs)
-
-    @classmethod
-    def tiny(cls, variant: str = "large_44k_v2", seed: int = TINY_SEED, **kwargs: Any) -> Pipeline:
-        """The official code paths at tiny sizes with deterministic random weights (tests, offline demos)."""
-        arch = Architecture.tiny(variant)
-        with torch.device("meta"):
-            flow_skeleton = FlowNetwork(arch.flow)
-            clip_skeleton = open_clip.CLIP(**arch.clip.model_cfg)
-        synchformer = Synchformer(arch.synchformer)
-        state_dicts = {
-            "flow": synth_module_state_dict(flow_skeleton, seed),
-            "clip": synth_module_state_dict(clip_skeleton, seed),
-            "synchformer": {VISUAL_PREFIX + k: v for k, v in synth_module_state_dict(synchformer, seed).items()},
-            "vae": synth_module_state_dict(VAEDecoder(arch.vae), seed),
-            "vocoder": synth_module_state_dict(BigVGAN(arch.vocoder), seed),
-        }
-        info = {"kind": "tiny", "random_weights": True, "id": f"tiny-{variant}-seed{seed}", "note": TINY_NOTE}
-        return cls.from_state_dicts(arch, state_dicts, info, **kwargs)
-
     # -- stages ----------------------------------------------------------------------------------
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
@@ -335,7 +155,8 @@ class Pipeline:
             frames = load_image(request.image, request.duration)
         lengths = SequenceLengths.for_duration(duration, self.audio)
         if lengths.clip < 1 or lengths.sync < 1:
-            raise ValueError(f"duration {duration:.3f} s is too short: at least {16 / 25:.2f} s of video is needed")
+            needed = f"at least {MIN_DURATION:.2f} s of video is needed"
+            raise ValueError(f"duration {duration:.3f} s is too short: {needed}")
         return PreparedRequest(
             request, duration, lengths, frames, request.image is not None, time.perf_counter() - start
         )
@@ -444,11 +265,11 @@ class Pipeline:
 
     # -- generation ------------------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
         return self.generate_batch([request], progress)[0]
 
     def generate_batch(
-        self, requests: Sequence[GenerationRequest], progress: Progress | None = None
+        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
     ) -> list[GenerationResult]:
         """Results in request order; requests with equal lengths and step counts share one batched pass."""
         report = progress or (lambda stage, fraction: None)
@@ -460,7 +281,7 @@ class Pipeline:
 
     @torch.inference_mode()
     def generate_prepared(
-        self, prepared: Sequence[PreparedRequest], progress: Progress | None = None
+        self, prepared: Sequence[PreparedRequest], progress: ProgressCallback | None = None
     ) -> list[GenerationResult]:
         """The GPU part for requests already prepared (a worker decodes the next jobs while this runs)."""
         report = progress or (lambda stage, fraction: None)
@@ -478,7 +299,7 @@ class Pipeline:
             result.metadata["timings"]["total"] = p.decode_seconds + elapsed
         return results
 
-    def _generate_group(self, batch: Sequence[PreparedRequest], report: Progress) -> list[GenerationResult]:
+    def _generate_group(self, batch: Sequence[PreparedRequest], report: ProgressCallback) -> list[GenerationResult]:
         num_steps = batch[0].request.num_steps
         report("features", 0.0)
         features = self.encode(batch)

@@ -11,6 +11,7 @@ SYNC_SEGMENT = 16  # frames per Synchformer segment
 SYNC_STEP = 8  # hop between segments
 SYNC_TOKENS_PER_SEGMENT = 8  # Synchformer halves the 16 frames in time
 LATENT_DOWNSAMPLE = 2  # mel frames per latent
+MIN_DURATION = SYNC_SEGMENT / SYNC_FPS  # seconds: the shortest video the Synchformer can read (one segment)
 
 
 @dataclass(frozen=True)
@@ -23,14 +24,9 @@ class AudioFormat:
     n_mels: int
     latent_dim: int
 
-    @property
-    def samples_per_latent(self) -> int:
-        return self.hop * LATENT_DOWNSAMPLE
-
 
 AUDIO_16K = AudioFormat("16k", sampling_rate=16000, hop=256, n_mels=80, latent_dim=20)
 AUDIO_44K = AudioFormat("44k", sampling_rate=44100, hop=512, n_mels=128, latent_dim=40)
-AUDIO_FORMATS = {f.name: f for f in (AUDIO_16K, AUDIO_44K)}
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import load_checked, read_state_dict
+from model.checkpoint import Loadable, load_checked
 from model.sequence import SYNC_SEGMENT, SYNC_STEP
 
 logger = logging.getLogger(__name__)
@@ -164,7 +163,7 @@ class SpatialPool(nn.Module):
         return cls[:, 0]
 
 
-class Synchformer(nn.Module):
+class Synchformer(Loadable, nn.Module):
     def __init__(self, config: SynchformerConfig) -> None:
         super().__init__()
         self.config = config
@@ -176,6 +175,15 @@ class Synchformer(nn.Module):
         self.blocks = nn.ModuleList(DividedSpaceTimeBlock(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
         self.spatial_attn_agg = SpatialPool(config)
+
+    @classmethod
+    def from_state_dict(
+        cls, config: SynchformerConfig, state_dict: Mapping[str, torch.Tensor], source: str = "Synchformer checkpoint"
+    ) -> Synchformer:
+        """A Synchformer (eval mode) from a full official state dict (keys ``vfeat_extractor.*`` are used)."""
+        model = cls(config)
+        load_checked(model, visual_state_dict(state_dict), source, ignore_prefixes=UNUSED_PREFIXES)
+        return model.eval()
 
     def forward(self, segments: torch.Tensor) -> torch.Tensor:
         """(N, segment_frames, 3, H, W) in [-1, 1] -> (N, time_steps, dim)."""
@@ -241,25 +249,3 @@ def visual_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
         len(state_dict) - len(visual),
     )
     return visual
-
-
-def synchformer_from_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
-    config: SynchformerConfig | None = None,
-    source: str = "Synchformer checkpoint",
-) -> Synchformer:
-    """A Synchformer (eval mode) from a full official state dict (keys ``vfeat_extractor.*`` are used)."""
-    model = Synchformer(config or SynchformerConfig())
-    load_checked(model, visual_state_dict(state_dict), source, ignore_prefixes=UNUSED_PREFIXES)
-    return model.eval()
-
-
-def load_synchformer(
-    path: str | Path,
-    config: SynchformerConfig | None = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> Synchformer:
-    """The official ``synchformer_state_dict.pth`` as a ready-to-run Synchformer."""
-    model = synchformer_from_state_dict(read_state_dict(path), config, source=str(path))
-    return model.to(device, dtype)

@@ -13,13 +13,12 @@ import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import load_checked, read_state_dict
+from model.checkpoint import Loadable, load_checked
 from model.sequence import AUDIO_16K, AUDIO_44K, LATENT_DOWNSAMPLE
 
 NORM_EPS = 1e-4  # added to every normalising magnitude (weights and activations)
@@ -175,7 +174,7 @@ class Decoder(nn.Module):
         return self.conv_out(mp_silu(h), gain=self.learnable_gain + 1)
 
 
-class VAEDecoder(nn.Module):
+class VAEDecoder(Loadable, nn.Module):
     """Latent -> log-mel; holds the decoder and the mel statistics it was trained to output."""
 
     def __init__(self, config: VAEConfig) -> None:
@@ -184,29 +183,23 @@ class VAEDecoder(nn.Module):
         self.decoder = Decoder(config)
         self.register_buffer("data_mean", torch.zeros(1, config.n_mels, 1))
         self.register_buffer("data_std", torch.ones(1, config.n_mels, 1))
-        self.weights_normalized = False
 
-    def load_official(self, state_dict: Mapping[str, torch.Tensor], source: str = "VAE checkpoint") -> None:
-        """Load an official VAE state dict (encoder keys ignored), then force-normalise the weights.
-
-        Load into a float32 module and cast afterwards: the reference normalises the float32 weights.
+    @classmethod
+    def from_state_dict(
+        cls, config: VAEConfig, state_dict: Mapping[str, torch.Tensor], source: str = "VAE checkpoint"
+    ) -> VAEDecoder:
+        """The decoder (float32, eval mode) of an official VAE state dict (encoder keys ignored), its weights
+        force-normalised.  Cast afterwards, not before: the reference normalises the float32 weights.
         """
-        load_checked(self, state_dict, source, ignore_prefixes=("encoder.",))
-        for module in self.modules():
+        vae = cls(config)
+        load_checked(vae, state_dict, source, ignore_prefixes=("encoder.",))
+        for module in vae.modules():
             if isinstance(module, MPConv1d):
                 module.normalize_weight_()
-        self.weights_normalized = True
+        return vae.eval()
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """(B, L, latent_dim) -> mel (B, n_mels, 2L)."""
-        if not self.weights_normalized:
-            raise RuntimeError("VAEDecoder weights are raw: load them with load_official()")
         mel = self.decoder(latent.transpose(1, 2))
         return mel * self.data_std + self.data_mean
 
-
-def load_vae_decoder(path: str | Path, config: VAEConfig) -> VAEDecoder:
-    """The decoder of an official VAE file (a plain state dict), on CPU in float32, eval mode."""
-    vae = VAEDecoder(config)
-    vae.load_official(read_state_dict(path), source=str(path))
-    return vae.eval()

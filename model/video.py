@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.media_errors import CorruptMediaError, VideoTooShortError
+from model.probe import DEFAULT_LIMITS, ProbeLimits, display_rotation, open_image, open_video
 from model.sequence import CLIP_FPS, SYNC_FPS
 
 FramePath = Literal["exact", "fast"]
@@ -45,15 +46,6 @@ class FrameConfig:
     sync_size: int = 224  # short side resized to this, then a centre crop
     fast_interpolation: str = "AREA"  # libswscale scaler of the fast path (the cheapest one that stays close)
     fast_decoder_options: tuple[tuple[str, str], ...] = (("skip_loop_filter", "all"),)  # ~20% less H.264 work
-
-
-@dataclass(frozen=True)
-class ProbeLimits:
-    """Bounds on the work one untrusted file can cause before it is accepted."""
-
-    max_width: int = 8192
-    max_height: int = 8192
-    max_packets_to_first_frame: int = 512  # a sane stream yields a frame within its first GOP
 
 
 def clip_input(frames_u8: torch.Tensor) -> torch.Tensor:
@@ -84,176 +76,6 @@ class VideoInputs:
     def sync_frames(self) -> torch.Tensor:
         """(T_sync, 3, sync_size, sync_size) float32 in [-1, 1]: the Synchformer's input."""
         return sync_input(self.sync_u8)
-
-
-@dataclass(frozen=True)
-class MediaInfo:
-    duration_sec: float | None  # None when the container does not say
-    fps: Fraction | None
-    width: int  # display orientation (rotation applied)
-    height: int
-    codec: str
-    has_video: bool
-    has_audio: bool
-    rotation: int  # counter-clockwise degrees the stored frames must turn for display
-
-
-# ---------------------------------------------------------------------------------------------
-# errors: each kind of unusable upload has its own type, so the service can map them to 4xx
-
-
-class MediaError(ValueError):
-    """A file that cannot be used as video input."""
-
-
-class EmptyMediaError(MediaError):
-    pass
-
-
-class UnreadableMediaError(MediaError):
-    """Not a container FFmpeg recognises (not media at all, or cut before its header)."""
-
-
-class TruncatedMediaError(MediaError):
-    pass
-
-
-class NoVideoStreamError(MediaError):
-    pass
-
-
-class UnsupportedCodecError(MediaError):
-    pass
-
-
-class CorruptMediaError(MediaError):
-    """The container opens but its video does not decode to usable frames."""
-
-
-class MediaTooLargeError(MediaError):
-    pass
-
-
-class VideoTooShortError(MediaError):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------
-# opening and probing
-
-
-MAX_TOP_LEVEL_BOXES = 100_000  # fragmented MP4 has two per fragment; more is not a real file
-
-
-def _truncated_iso_bmff(path: Path) -> bool:
-    """Does an MP4/MOV file (first box 'ftyp') declare a top-level box that runs past its end?"""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        offset, first = 0, True
-        for _ in range(MAX_TOP_LEVEL_BOXES):
-            if offset + 8 > size:
-                break
-            f.seek(offset)
-            header = f.read(16)
-            box_size, box_type = int.from_bytes(header[:4], "big"), header[4:8]
-            if first and box_type != b"ftyp":
-                return False
-            first = False
-            if box_size == 1:  # 64-bit size follows the type
-                box_size = int.from_bytes(header[8:16], "big")
-            if box_size == 0:  # box runs to the end of the file
-                return False
-            if box_size < 8:
-                return False  # not a box structure we understand; let FFmpeg's verdict stand
-            offset += box_size
-        return offset > size
-
-
-def _index_past_end(stream: av.stream.Stream, size: int) -> bool:
-    """Does the container's sample index point at bytes the file does not have?"""
-    entries = stream.index_entries
-    return len(entries) > 0 and max(e.pos + e.size for e in entries) > size
-
-
-@contextmanager
-def open_video(path: str | Path) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
-    """The opened container and its first video stream, or the MediaError that says why not."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size == 0:
-        raise EmptyMediaError(f"{path.name}: the file is empty")
-    try:
-        container = av.open(str(path), metadata_errors="ignore")
-    except av.error.FFmpegError as exc:
-        if _truncated_iso_bmff(path):
-            raise TruncatedMediaError(f"{path.name}: the file is cut short (incomplete upload?)") from exc
-        raise UnreadableMediaError(f"{path.name}: not a readable video or audio file ({exc.strerror})") from exc
-    with container:
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["no streams"]
-            raise NoVideoStreamError(f"{path.name}: no video stream (has {', '.join(kinds)})")
-        stream = container.streams.video[0]
-        if stream.codec_context is None:
-            raise UnsupportedCodecError(f"{path.name}: its video codec is not supported (no decoder)")
-        if any(_index_past_end(s, size) for s in container.streams) or _truncated_iso_bmff(path):
-            raise TruncatedMediaError(f"{path.name}: the file is cut short (incomplete upload?)")
-        yield container, stream
-
-
-def _first_frame(container, stream, limits: ProbeLimits) -> av.VideoFrame:
-    try:
-        for count, packet in enumerate(container.demux(stream)):
-            if count >= limits.max_packets_to_first_frame:
-                break
-            for frame in packet.decode():
-                return frame
-    except av.error.FFmpegError as exc:
-        raise CorruptMediaError(f"the video does not decode ({exc.strerror})") from exc
-    raise CorruptMediaError("the video stream yields no frame")
-
-
-def _check_size(path: Path, width: int, height: int, limits: ProbeLimits) -> None:
-    if width > limits.max_width or height > limits.max_height:
-        raise MediaTooLargeError(f"{path.name}: {width}x{height} is larger than {limits.max_width}x{limits.max_height}")
-
-
-def display_rotation(frame: av.VideoFrame) -> int:
-    """Counter-clockwise rotation to display orientation, snapped to a multiple of 90 degrees."""
-    angle = frame.rotation
-    if not -180 <= angle <= 180:  # a degenerate display matrix (PyAV reports INT_MIN): show as stored
-        return 0
-    return round(angle / 90) % 4 * 90
-
-
-def probe_video(path: str | Path, limits: ProbeLimits = ProbeLimits()) -> MediaInfo:
-    """Cheap validation of an upload: opens it, checks its size and decodes one frame.
-
-    Raises a MediaError subclass for empty, unreadable, truncated, audio-only, undecodable,
-    corrupt or oversized files.  Work is bounded by the container probe and ``limits``.
-    """
-    with open_video(path) as (container, stream):
-        width, height = stream.codec_context.width, stream.codec_context.height
-        _check_size(Path(path), width, height, limits)
-        stream.thread_type = "AUTO"
-        frame = _first_frame(container, stream, limits)
-        rotation = display_rotation(frame)
-        if rotation % 180:
-            width, height = height, width
-        duration = None
-        if stream.duration is not None and stream.time_base is not None:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            duration = container.duration / av.time_base
-        return MediaInfo(
-            duration_sec=duration,
-            fps=stream.guessed_rate,
-            width=width,
-            height=height,
-            codec=stream.codec_context.codec.canonical_name,  # "av1", not the decoder "libdav1d"
-            has_video=True,
-            has_audio=bool(container.streams.audio),
-            rotation=rotation,
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,24 +251,17 @@ def load_video(
 
 
 def load_image(
-    path: str | Path, duration_sec: float, config: FrameConfig = FrameConfig(), limits: ProbeLimits = ProbeLimits()
+    path: str | Path, duration_sec: float, config: FrameConfig = FrameConfig(), limits: ProbeLimits = DEFAULT_LIMITS
 ) -> VideoInputs:
     """One CLIP and one sync frame from a still image (image-to-audio); the duration is kept as asked.
 
     Decoded with PIL like the official loader, turned by its EXIF orientation and converted to RGB
     (palette, grey and alpha images included).  Images beyond ``limits`` are refused before decoding.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
 
-    path = Path(path)
-    if path.stat().st_size == 0:
-        raise EmptyMediaError(f"{path.name}: the file is empty")
-    try:
-        with Image.open(path) as image:  # reads the header only
-            _check_size(path, *image.size, limits)
-            rgb = np.array(ImageOps.exif_transpose(image).convert("RGB"))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise UnreadableMediaError(f"{path.name}: not a readable image ({exc})") from exc
+    with open_image(path, limits) as image:
+        rgb = np.array(ImageOps.exif_transpose(image).convert("RGB"))
     image_u8 = _chw(rgb, 0)
     scale, display_size = _torch_scaler(image_u8), tuple(image_u8.shape[-2:])
     clip_u8, sync_u8 = [_clip_image(scale, config)], [_sync_image(scale, display_size, config)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from model.checkpoint import load_checked, read_state_dict
+from model.checkpoint import Loadable, load_checked
 from model.sequence import AUDIO_16K, AUDIO_44K
 
 # Anti-aliasing around every activation: x2 upsampling, activation, x2 downsampling, both with one
@@ -281,7 +280,9 @@ def with_parametrization_names(state_dict: Mapping[str, torch.Tensor]) -> dict[s
     return renamed
 
 
-class BigVGAN(nn.Module):
+class BigVGAN(Loadable, nn.Module):
+    container = "generator"  # official files are {'generator': state_dict, ...}
+
     def __init__(self, config: VocoderConfig) -> None:
         super().__init__()
         self.config = config
@@ -302,26 +303,26 @@ class BigVGAN(nn.Module):
             in_channels = out_channels
         self.activation_post = AntiAliasedSnakeBeta(in_channels)
         self.conv_post = weight_norm(nn.Conv1d(in_channels, 1, k, padding=k // 2, bias=config.final_bias))
-        self.weights_folded = False
 
-    def load_official(self, state_dict: Mapping[str, torch.Tensor], source: str = "vocoder checkpoint") -> None:
-        """Strictly load a generator state dict (either weight-norm naming) into a fresh module, then fold g, v
-        and derive the activations' constants (exp of the log-scale parameters, polyphase filters).
-
-        Load into a float32 module and cast afterwards: the reference folds the weights in float32.
+    @classmethod
+    def from_state_dict(
+        cls, config: VocoderConfig, state_dict: Mapping[str, torch.Tensor], source: str = "vocoder checkpoint"
+    ) -> BigVGAN:
+        """Strictly load a generator state dict (either weight-norm naming) into a fresh float32 module, fold g, v
+        and derive the activations' constants (exp of the log-scale parameters, polyphase filters); eval mode.
+        Cast afterwards, not before: the reference folds the weights in float32.
         """
-        load_checked(self, with_parametrization_names(state_dict), source)
-        for module in list(self.modules()):
+        vocoder = cls(config)
+        load_checked(vocoder, with_parametrization_names(state_dict), source)
+        for module in list(vocoder.modules()):
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight")
             if isinstance(module, (SnakeBeta, Upsample2x, LowPass2x)):
                 module.derive_constants()
-        self.weights_folded = True
+        return vocoder.eval()
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, n_mels, T) -> (B, 1, T * hop)."""
-        if not self.weights_folded:
-            raise RuntimeError("BigVGAN weights are not folded: load them with load_official()")
         x = self.conv_pre(mel)
         blocks_per_stage = len(self.config.resblock_kernel_sizes)
         for stage, (upsample,) in enumerate(self.ups):
@@ -334,9 +335,3 @@ class BigVGAN(nn.Module):
         x = self.conv_post(self.activation_post(x))
         return torch.tanh(x) if self.config.final_tanh else x.clamp(-1.0, 1.0)
 
-
-def load_vocoder(path: str | Path, config: VocoderConfig) -> BigVGAN:
-    """An official generator file ({'generator': state_dict}), on CPU in float32, eval mode."""
-    vocoder = BigVGAN(config)
-    vocoder.load_official(read_state_dict(path, container="generator"), source=str(path))
-    return vocoder.eval()

@@ -8,27 +8,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model import video
-from model.sequence import SYNC_FPS, SYNC_SEGMENT
+from model import media_errors, probe
+from model.sequence import MIN_DURATION
 from service.problems import ProblemError
 from service.schemas import InputKind, MediaSummary
 from service.settings import Settings
 
-MIN_VIDEO_SECONDS = SYNC_SEGMENT / SYNC_FPS  # one Synchformer window
-
-MEDIA_PROBLEMS: tuple[tuple[type[video.MediaError], str], ...] = (
-    (video.EmptyMediaError, "empty-upload"),
-    (video.UnreadableMediaError, "unreadable-media"),
-    (video.NoVideoStreamError, "no-video-stream"),
-    (video.UnsupportedCodecError, "unsupported-codec"),
-    (video.TruncatedMediaError, "truncated-media"),
-    (video.CorruptMediaError, "corrupt-media"),
-    (video.VideoTooShortError, "video-too-short"),
-    (video.MediaTooLargeError, "media-limits"),
+MEDIA_PROBLEMS: tuple[tuple[type[media_errors.MediaError], str], ...] = (
+    (media_errors.EmptyMediaError, "empty-upload"),
+    (media_errors.UnreadableMediaError, "unreadable-media"),
+    (media_errors.NoVideoStreamError, "no-video-stream"),
+    (media_errors.UnsupportedCodecError, "unsupported-codec"),
+    (media_errors.TruncatedMediaError, "truncated-media"),
+    (media_errors.CorruptMediaError, "corrupt-media"),
+    (media_errors.VideoTooShortError, "video-too-short"),
+    (media_errors.MediaTooLargeError, "media-limits"),
 )
 
 
-def media_problem(error: video.MediaError) -> str:
+def media_problem(error: media_errors.MediaError) -> str:
     """The problem slug of a MediaError."""
     for error_type, slug in MEDIA_PROBLEMS:
         if isinstance(error, error_type):
@@ -40,20 +38,20 @@ def inspect_upload(path: Path, kind: InputKind, settings: Settings) -> MediaSumm
     """Probe an uploaded video or image; raises ProblemError (4xx) when it is unusable or over the limits."""
     try:
         summary = _probe_image(path, settings) if kind == "image" else _probe_video(path, settings)
-    except video.MediaError as err:
+    except media_errors.MediaError as err:
         raise ProblemError(media_problem(err), str(err)) from err
     return summary
 
 
 def _probe_video(path: Path, settings: Settings) -> MediaSummary:
     side = settings.max_video_side
-    info = video.probe_video(path, video.ProbeLimits(max_width=side, max_height=side))
-    if info.duration_sec is not None and info.duration_sec < MIN_VIDEO_SECONDS:
-        raise video.VideoTooShortError(
-            f"the video lasts {info.duration_sec:.2f} s; at least {MIN_VIDEO_SECONDS:.2f} s is needed"
+    info = probe.probe_video(path, probe.ProbeLimits(max_width=side, max_height=side))
+    if info.duration_sec is not None and info.duration_sec < MIN_DURATION:
+        raise media_errors.VideoTooShortError(
+            f"the video lasts {info.duration_sec:.2f} s; at least {MIN_DURATION:.2f} s is needed"
         )
     if info.duration_sec is not None and info.duration_sec > settings.max_video_seconds:
-        raise video.MediaTooLargeError(
+        raise media_errors.MediaTooLargeError(
             f"the video lasts {info.duration_sec:.1f} s, longer than {settings.max_video_seconds:g} s"
         )
     return MediaSummary(
@@ -67,19 +65,6 @@ def _probe_video(path: Path, settings: Settings) -> MediaSummary:
 
 
 def _probe_image(path: Path, settings: Settings) -> MediaSummary:
-    from PIL import Image, UnidentifiedImageError
-
-    if path.stat().st_size == 0:
-        raise video.EmptyMediaError("the file is empty")
-    try:
-        with Image.open(path) as image:
-            width, height = image.size  # from the header: checked before any pixel is decoded
-            if max(width, height) > settings.max_video_side:
-                raise video.MediaTooLargeError(f"{width}x{height} is larger than {settings.max_video_side} a side")
-            image.load()
-            codec = (image.format or "image").lower()
-    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise video.UnreadableMediaError(f"not a readable image ({err})") from err
-    except OSError as err:  # PIL's answer to a truncated or damaged image
-        raise video.TruncatedMediaError(f"the image does not decode ({err})") from err
-    return MediaSummary(width=width, height=height, codec=codec)
+    side = settings.max_video_side
+    info = probe.probe_image(path, probe.ProbeLimits(max_width=side, max_height=side))
+    return MediaSummary(width=info.width, height=info.height, codec=info.codec)

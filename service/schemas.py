@@ -8,9 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from model.sequence import MIN_DURATION  # the shortest clip the model can condition on
 from service.settings import Settings, Variant
 
-MIN_DURATION = 1.0  # the synchronisation features need at least one 16-frame window of 25 fps video
 MAX_SEED = 2**63 - 1
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from redis import Redis
 from redis.exceptions import RedisError
 
-from model.weights import WeightsError
+from model.weights.manifest import WeightsError
 from service.settings import Settings, get_settings
 from service.weights import ensure_weights
 

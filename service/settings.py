@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.weights import DEFAULT_WEIGHTS_DIR
+from model.weights.manifest import DEFAULT_WEIGHTS_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from model import weights as official_weights
+from model.weights import downloader as official_weights
 from service.settings import Settings
 
 

@@ -13,13 +13,12 @@ import torch
 
 from model.checkpoint import CheckpointError
 from model.recipe import synth_module_state_dict
-from model.vae import VAE_16K, VAE_44K, VAEConfig, VAEDecoder, load_vae_decoder
+from model.vae import VAE_16K, VAE_44K, VAEConfig, VAEDecoder
 from model.vocoder import (
     BIGVGAN_16K,
     BIGVGAN_V2_44K,
     BigVGAN,
     VocoderConfig,
-    load_vocoder,
     lowpass_taps,
 )
 
@@ -33,10 +32,8 @@ Decoder = TypeVar("Decoder", VAEDecoder, BigVGAN)
 def tiny_decoder(build: type[Decoder], config: VAEConfig | VocoderConfig) -> tuple[Decoder, dict[str, torch.Tensor]]:
     """A loaded tiny VAE decoder or vocoder and its recipe state dict (seed 0, the module's own constants),
     shared by the tests (which must not modify them)."""
-    module = build(config).eval()
-    state = synth_module_state_dict(module, 0)
-    module.load_official(state)
-    return module, state
+    state = synth_module_state_dict(build(config), 0)
+    return build.from_state_dict(config, state), state
 
 
 @pytest.mark.parametrize("config", VAE_TINY, ids=["16k", "44k"])
@@ -77,14 +74,8 @@ def test_vae_mel_statistics_come_from_the_checkpoint() -> None:
         torch.linspace(-3, 0, config.n_mels).view(1, -1, 1),
         torch.linspace(0.5, 2, config.n_mels).view(1, -1, 1),
     )
-    shifted = VAEDecoder(config).eval()
-    shifted.load_official({**state, "data_mean": mean, "data_std": std})
+    shifted = VAEDecoder.from_state_dict(config, {**state, "data_mean": mean, "data_std": std})
     torch.testing.assert_close(shifted.decode(latent), plain * std + mean)
-
-
-def test_vae_refuses_to_decode_with_raw_weights() -> None:
-    with pytest.raises(RuntimeError, match="load_official"):
-        VAEDecoder(VAE_TINY[0]).decode(torch.zeros(1, 2, VAE_TINY[0].latent_dim))
 
 
 def test_vae_file_with_encoder_loads_and_bad_decoder_keys_are_named(tmp_path: Path) -> None:
@@ -93,19 +84,19 @@ def test_vae_file_with_encoder_loads_and_bad_decoder_keys_are_named(tmp_path: Pa
     encoder = {"encoder.conv_in.weight": torch.randn(8, config.n_mels, 3), "encoder.learnable_gain": torch.zeros(())}
     path = tmp_path / "v1-44.pth"
     torch.save({**encoder, **state}, path)
-    vae = load_vae_decoder(path, config)
+    vae = VAEDecoder.from_file(config, path)
     latent = torch.randn(1, 4, config.latent_dim)
     with torch.inference_mode():
         torch.testing.assert_close(vae.decode(latent), reference.decode(latent), rtol=0, atol=0)
 
     missing = {k: v for k, v in state.items() if k != "decoder.mid.attn_1.qkv.weight"}
     with pytest.raises(CheckpointError, match=r"missing: decoder\.mid\.attn_1\.qkv\.weight"):
-        VAEDecoder(config).load_official({**encoder, **missing})
+        VAEDecoder.from_state_dict(config, {**encoder, **missing})
     misshaped = {**state, "decoder.conv_out.weight": torch.zeros(config.n_mels + 1, 8, 3)}
     with pytest.raises(CheckpointError, match=r"wrong shape: decoder\.conv_out\.weight"):
-        VAEDecoder(config).load_official(misshaped)
+        VAEDecoder.from_state_dict(config, misshaped)
     with pytest.raises(CheckpointError, match=r"unexpected: decoder\.extra"):
-        VAEDecoder(config).load_official({**state, "decoder.extra": torch.zeros(1)})
+        VAEDecoder.from_state_dict(config, {**state, "decoder.extra": torch.zeros(1)})
 
 
 @pytest.mark.parametrize("config", VOCODER_TINY, ids=["16k", "44k"])
@@ -149,8 +140,7 @@ def test_vocoder_legacy_weight_norm_names_load_the_same() -> None:
         for k, v in state.items()
     }
     assert any(k.endswith(".weight_g") for k in legacy) and not any("parametrizations" in k for k in legacy)
-    from_legacy = BigVGAN(config).eval()
-    from_legacy.load_official(legacy)
+    from_legacy = BigVGAN.from_state_dict(config, legacy)
     mel = torch.randn(1, config.n_mels, 2)
     torch.testing.assert_close(from_legacy(mel), vocoder(mel), rtol=0, atol=0)
     # weight norm is folded away after loading: plain conv weights at inference
@@ -163,11 +153,11 @@ def test_vocoder_file_with_a_bad_key_names_it(tmp_path: Path) -> None:
     _, state = tiny_decoder(BigVGAN, config)
     path = tmp_path / "best_netG.pt"
     torch.save({"generator": state}, path)
-    assert isinstance(load_vocoder(path, config), BigVGAN)
+    assert isinstance(BigVGAN.from_file(config, path), BigVGAN)
     key = "resblocks.4.convs2.1.parametrizations.weight.original1"
     torch.save({"generator": {k: v for k, v in state.items() if k != key}}, path)
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
-        load_vocoder(path, config)
+        BigVGAN.from_file(config, path)
 
 
 def test_filter_taps_match_the_official_constants() -> None:

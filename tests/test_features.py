@@ -11,15 +11,13 @@ import pytest
 import torch
 
 from model.checkpoint import CheckpointError, check_keys
-from model.clip import WEIGHTS_FILE, ClipConfig, ClipEncoder, load_clip
+from model.clip import ClipConfig, ClipEncoder
 from model.recipe import manifest_of, synth_state_dict
 from model.synchformer import (
     UNUSED_PREFIXES,
     VISUAL_PREFIX,
     Synchformer,
     SynchformerConfig,
-    load_synchformer,
-    synchformer_from_state_dict,
 )
 
 MANIFESTS = Path(__file__).parent / "reference" / "manifests"
@@ -49,7 +47,7 @@ def official_synchformer_file(config: SynchformerConfig, seed: int = 0) -> dict[
 
 @pytest.fixture(scope="module")
 def sync_model() -> Synchformer:
-    return synchformer_from_state_dict(official_synchformer_file(SynchformerConfig.tiny()), SynchformerConfig.tiny())
+    return Synchformer.from_state_dict(SynchformerConfig.tiny(), official_synchformer_file(SynchformerConfig.tiny()))
 
 
 def sync_video(batch: int, frames: int, seed: int = 0) -> torch.Tensor:
@@ -103,7 +101,7 @@ def test_synchformer_rejects_bad_inputs(sync_model: Synchformer) -> None:
 def test_synchformer_file_with_extra_keys_loads(tmp_path: Path, sync_model: Synchformer) -> None:
     path = tmp_path / "synchformer_state_dict.pth"
     torch.save(official_synchformer_file(SynchformerConfig.tiny()), path)
-    loaded = load_synchformer(path, SynchformerConfig.tiny()).state_dict()
+    loaded = Synchformer.from_file(SynchformerConfig.tiny(), path).state_dict()
     expected = sync_model.state_dict()
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
@@ -115,11 +113,11 @@ def test_synchformer_checkpoint_errors_name_the_keys() -> None:
     sd[VISUAL_PREFIX + "blocks.1.timeattn.qkv.weight"] = torch.zeros(5, 64)
     del sd[VISUAL_PREFIX + "temp_embed"]
     with pytest.raises(CheckpointError) as err:
-        synchformer_from_state_dict(sd, config)
+        Synchformer.from_state_dict(config, sd)
     assert "blocks.1.timeattn.qkv.weight [5, 64] != [192, 64]" in str(err.value)
     assert err.value.missing == ["temp_embed"]
     with pytest.raises(CheckpointError, match="missing"):
-        synchformer_from_state_dict({"transformer.x": torch.zeros(1)}, config)
+        Synchformer.from_state_dict(config, {"transformer.x": torch.zeros(1)})
 
 
 def test_synchformer_runs_in_bfloat16(sync_model: Synchformer) -> None:
@@ -143,7 +141,7 @@ def clip_weights() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def clip_model(clip_weights: dict[str, torch.Tensor]) -> ClipEncoder:
-    return ClipEncoder.from_state_dict(clip_weights, ClipConfig.tiny())
+    return ClipEncoder.from_state_dict(ClipConfig.tiny(), clip_weights)
 
 
 def clip_frames(batch: int, frames: int, seed: int = 0) -> torch.Tensor:
@@ -215,8 +213,9 @@ def test_encode_text_of_empty_prompt_is_a_sequence(clip_model: ClipEncoder) -> N
 
 
 def test_clip_loads_strictly_from_a_folder(tmp_path: Path, clip_weights: dict, clip_model: ClipEncoder) -> None:
-    torch.save(clip_weights, tmp_path / WEIGHTS_FILE)  # like the hub file: no attn_mask entry
-    loaded = load_clip(tmp_path, ClipConfig.tiny())
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(clip_weights, path)  # like the hub file: no attn_mask entry
+    loaded = ClipEncoder.from_file(ClipConfig.tiny(), path)
     assert all(torch.equal(v, clip_weights[k]) for k, v in loaded.clip.state_dict().items())
     tokens = loaded.tokenize(["hello"])
     torch.testing.assert_close(loaded.encode_text(tokens), clip_model.encode_text(tokens))
@@ -228,14 +227,14 @@ def test_clip_checkpoint_errors_name_the_keys(clip_weights: dict[str, torch.Tens
     del broken["ln_final.bias"]
     broken["visual.extra"] = torch.zeros(1)
     with pytest.raises(CheckpointError) as err:
-        ClipEncoder.from_state_dict(broken, ClipConfig.tiny())
+        ClipEncoder.from_state_dict(ClipConfig.tiny(), broken)
     assert err.value.missing == ["ln_final.bias"]
     assert err.value.unexpected == ["visual.extra"]
     assert err.value.mismatched == ["visual.proj [3, 3] != [64, 64]"]
 
 
 def test_clip_runs_in_bfloat16(clip_weights: dict[str, torch.Tensor], clip_model: ClipEncoder) -> None:
-    bf16 = ClipEncoder.from_state_dict(clip_weights, ClipConfig.tiny()).to(torch.bfloat16)
+    bf16 = ClipEncoder.from_state_dict(ClipConfig.tiny(), clip_weights).to(torch.bfloat16)
     images = clip_frames(1, 1)
     image_features = bf16.encode_images(images)
     assert image_features.dtype == torch.bfloat16

@@ -9,10 +9,11 @@ import av
 import numpy as np
 import pytest
 import torch
-from media_factory import make_video, sine
 
 from model.media import mux_video, write_audio
-from model.video import MediaError, load_video
+from model.media_errors import MediaError
+from model.testkit import make_video, sine
+from model.video import load_video
 
 
 def decode_audio(source) -> tuple[np.ndarray, av.audio.stream.AudioStream, float]:

@@ -21,7 +21,8 @@ def test_fixture_matches_official_outputs(path: Path) -> None:
 def test_a_weights_digest_mismatch_fails_the_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
     from model.parity import harness
 
-    def perturbed(manifest: Manifest, seed: int) -> dict[str, torch.Tensor]:  # the recipe's weights with one value changed
+    def perturbed(manifest: Manifest, seed: int) -> dict[str, torch.Tensor]:
+        """The recipe's weights with one value changed."""
         sd = synth_state_dict(manifest, seed)
         first = sorted(sd)[0]
         sd[first] = sd[first].clone().reshape(-1).index_add_(0, torch.tensor([0]), torch.ones(1)).view_as(sd[first])

@@ -8,21 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from media_factory import make_image, make_video
 
+from model.build import Architecture, load_pipeline, pipeline_from_files, tiny_pipeline
 from model.checkpoint import CheckpointError
-from model.pipeline import Architecture, Cancelled, GenerationRequest, Pipeline
+from model.pipeline import Cancelled, GenerationRequest, Pipeline
 from model.recipe import synth_module_state_dict
+from model.testkit import make_image, make_video
 from model.vae import VAEDecoder
 from model.vocoder import BigVGAN
-from model.weights import paths_for
+from model.weights.manifest import paths_for
 
 VARIANT = "small_16k"  # 16 kHz: the cheapest vocoder, the same code paths as 44k
 
 
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:
-    return Pipeline.tiny(VARIANT)
+    return tiny_pipeline(VARIANT)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_durations_are_not_state_of_the_model(pipe: Pipeline, video: Path) -> No
     first = pipe.generate(short).audio
     pipe.generate(long)
     assert torch.equal(pipe.generate(short).audio, first)
-    assert Pipeline.tiny(VARIANT).generate(long).audio.shape == (1, 32000)
+    assert tiny_pipeline(VARIANT).generate(long).audio.shape == (1, 32000)
 
 
 def test_a_batch_equals_requests_run_alone(pipe: Pipeline, video: Path) -> None:
@@ -131,7 +132,7 @@ def _write_official_files(arch: Architecture, pipe_seed: int, weights_dir: Path)
     paths = paths_for(VARIANT, weights_dir)
     for path in (paths.flow, paths.clip):
         path.parent.mkdir(parents=True, exist_ok=True)
-    reference = Pipeline.tiny(VARIANT, seed=pipe_seed)
+    reference = tiny_pipeline(VARIANT, seed=pipe_seed)
     flow = {k: v.clone() for k, v in reference.flow.state_dict().items()}
     torch.save(flow, paths.flow)
     torch.save(dict(reference.clip.clip.state_dict()), paths.clip)
@@ -159,7 +160,7 @@ def legacy_weight_norm_names(state_dict: dict[str, torch.Tensor]) -> dict[str, t
 def test_official_files_load_into_the_same_pipeline(tmp_path: Path, pipe: Pipeline) -> None:
     arch = Architecture.tiny(VARIANT)
     _write_official_files(arch, 0, tmp_path)
-    loaded = Pipeline.from_files(arch, paths_for(VARIANT, tmp_path), {"kind": "official", "random_weights": True})
+    loaded = pipeline_from_files(arch, paths_for(VARIANT, tmp_path), {"kind": "official", "random_weights": True})
     req = request(num_steps=2)
     torch.testing.assert_close(loaded.generate(req).audio, pipe.generate(req).audio, atol=1e-5, rtol=1e-5)
 
@@ -174,15 +175,15 @@ def test_a_damaged_checkpoint_names_its_keys(tmp_path: Path) -> None:
     flow["made_up.weight"] = torch.zeros(1)
     torch.save(flow, paths.flow)
     with pytest.raises(CheckpointError) as err:
-        Pipeline.from_files(arch, paths, {"kind": "official", "random_weights": True})
+        pipeline_from_files(arch, paths, {"kind": "official", "random_weights": True})
     message = str(err.value)
     assert "final_layer.conv.weight" in message and "made_up.weight" in message
     assert "fused_blocks.0.attn.qkv.weight" in message and str(paths.flow) in message
 
 
 def test_missing_official_files_say_what_to_download(tmp_path: Path) -> None:
-    from model.weights import WeightsMissingError
+    from model.weights.verification import WeightsMissingError
 
     with pytest.raises(WeightsMissingError) as err:
-        Pipeline.load(VARIANT, weights="official", weights_dir=tmp_path, device="cpu")
+        load_pipeline(VARIANT, weights="official", weights_dir=tmp_path, device="cpu")
     assert "mmaudio_small_16k.pth" in str(err.value) and "python -m model.weights download" in str(err.value)

@@ -16,17 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from model.weights import (
-    HF_SUBDIR,
-    WeightsManifest,
-    WeightsMissingError,
-    download,
-    files_for,
-    main,
-    official_manifest,
-    paths_for,
-    verify,
-)
+from model.weights.downloader import download, main
+from model.weights.manifest import HF_SUBDIR, WeightsManifest, files_for, official_manifest, paths_for
+from model.weights.verification import WeightsMissingError, verify
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

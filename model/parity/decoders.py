@@ -20,8 +20,7 @@ def run_vae_decode(fixture: Fixture) -> dict[str, torch.Tensor]:
     latent = fixture.input_tensor("latent")
     _check_shape("latent", latent, (cfg["batch_size"], cfg["latent_len"], config.latent_dim))
 
-    vae = VAEDecoder(config).eval()
-    vae.load_official(fixture.weights(), source=fixture.path.name)
+    vae = VAEDecoder.from_state_dict(config, fixture.weights(), source=fixture.path.name)
     return {
         "mel": vae.decode(latent),
         "wn_removed.decoder.conv_in.weight[:4]": vae.decoder.conv_in.weight[:4],
@@ -38,6 +37,5 @@ def run_vocoder(fixture: Fixture) -> dict[str, torch.Tensor]:
     mel = fixture.input_tensor("mel")
     _check_shape("mel", mel, (cfg["batch_size"], config.n_mels, cfg["mel_len"]))
 
-    vocoder = BigVGAN(config).eval()
-    vocoder.load_official(fixture.weights(), source=fixture.path.name)
+    vocoder = BigVGAN.from_state_dict(config, fixture.weights(), source=fixture.path.name)
     return {"waveform": vocoder(mel)}

@@ -6,7 +6,7 @@ import torch
 
 from model.clip import ClipConfig, ClipEncoder
 from model.parity.harness import Fixture
-from model.synchformer import SynchformerConfig, synchformer_from_state_dict
+from model.synchformer import Synchformer, SynchformerConfig
 
 
 def upsampled_unit_images(frames_u8: torch.Tensor, factor: int) -> torch.Tensor:
@@ -18,7 +18,7 @@ def upsampled_unit_images(frames_u8: torch.Tensor, factor: int) -> torch.Tensor:
 def run_synchformer(fixture: Fixture) -> dict[str, torch.Tensor]:
     config = fixture.config
     video = (upsampled_unit_images(fixture.inputs["frames_u8"], config["upsample"]) - 0.5) / 0.5
-    model = synchformer_from_state_dict(fixture.weights(), SynchformerConfig(), source=fixture.path.name)
+    model = Synchformer.from_state_dict(SynchformerConfig(), fixture.weights(), source=fixture.path.name)
     if video.dim() == 6:  # 'segments': (B, S, 16, 3, H, W)
         return {"features": model.encode_segments(video)}
     if video.dim() == 5:  # 'encode_video_with_sync': (B, T, 3, H, W)
@@ -29,7 +29,7 @@ def run_synchformer(fixture: Fixture) -> dict[str, torch.Tensor]:
 def run_clip(fixture: Fixture) -> dict[str, torch.Tensor]:
     config = fixture.config
     clip_config = ClipConfig.from_open_clip(config["open_clip_config"], tokenizer=config.get("tokenizer"))
-    encoder = ClipEncoder.from_state_dict(fixture.weights(), clip_config, source=fixture.path.name)
+    encoder = ClipEncoder.from_state_dict(clip_config, fixture.weights(), source=fixture.path.name)
     images = upsampled_unit_images(fixture.inputs["frames_u8"], config["upsample"])
     tokens = encoder.tokenize(fixture.inputs["prompts"])
     return {

@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
+from model.build import Architecture, pipeline_from_state_dicts
 from model.parity.harness import Fixture
-from model.pipeline import Architecture, GenerationRequest, Pipeline
+from model.pipeline import GenerationRequest
 
 # pipeline fixture component name prefix -> our state-dict slot
 COMPONENT_SLOTS = {"flow_": "flow", "clip": "clip", "synchformer": "synchformer", "vae_": "vae", "bigvgan": "vocoder"}
@@ -21,7 +22,7 @@ def run_pipeline(fixture: Fixture) -> dict[str, Any]:
     config, inputs = fixture.config, fixture.inputs
     state_dicts = {_slot(name): fixture.weights(name) for name in fixture.data["weights"]["components"]}
     architecture = Architecture.official(config["variant"])
-    pipe = Pipeline.from_state_dicts(architecture, state_dicts, {"kind": "parity", "random_weights": True, "id": ""})
+    pipe = pipeline_from_state_dicts(architecture, state_dicts, {"kind": "parity", "random_weights": True, "id": ""})
 
     def media(key: str):
         return fixture.file(inputs[key]) if inputs.get(key) else None

@@ -32,8 +32,8 @@ from redis import Redis
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from model.media import mux_video, write_audio
+from model.media_errors import MediaError
 from model.pipeline import Cancelled, GenerationRequest, GenerationResult, Pipeline, PreparedRequest
-from model.video import MediaError
 from service import keys, queue
 from service.inspection import media_problem
 from service.jobs import JobRecord, JobStore

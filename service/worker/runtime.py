@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from redis import Redis
 
+from model import build
 from model.pipeline import GenerationRequest, Pipeline
 from service import workers
 from service.jobs import JobStore
@@ -82,7 +83,7 @@ class Heartbeat(threading.Thread):
 
 def load_pipeline(settings: Settings) -> Pipeline:
     ensure_weights(settings)
-    return Pipeline.load(
+    return build.load_pipeline(
         settings.variant,
         weights=settings.weights,
         weights_dir=settings.weights_dir,

@@ -5,16 +5,10 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds media_factory
-
-from media_factory import make_audio_only, make_image, make_truncated, make_unknown_codec, make_video
 from service_harness import (
     CLIENT_TIMEOUT,
     KEY_A,
@@ -23,10 +17,11 @@ from service_harness import (
     REDIS_SERVER,
     Media,
     Stack,
-    free_port,
     make_stack,
     wait_until,
 )
+
+from model.testkit import free_port, make_audio_only, make_image, make_truncated, make_unknown_codec, make_video
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from model.testkit import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -52,12 +53,6 @@ MAIN_SETTINGS = {
     "MMAUDIO_WORKER_TTL_SECONDS": "2",
     "MMAUDIO_MAINTENANCE_INTERVAL_SECONDS": "0.25",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def child_pids(pid: int) -> list[int]:

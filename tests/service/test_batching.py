@@ -36,7 +36,8 @@ from service_harness import (
     wait_until,
 )
 
-from model.pipeline import Pipeline, PreparedRequest, Progress
+from model.build import tiny_pipeline
+from model.pipeline import PreparedRequest, ProgressCallback
 from service import keys, queue, workers
 from service.jobs import JobRecord, JobStore
 from service.schemas import JobStatus
@@ -168,11 +169,11 @@ def test_a_failed_shared_pass_runs_each_job_alone(job_store: JobStore, monkeypat
     anywhere) costs no job its result: each job gets a pass of its own, and only one that fails alone too
     ends as failed."""
     ids = [queue_job(job_store, 1.0, prompt=prompt) for prompt in ("rain", "thunder", "wind")]
-    pipeline = Pipeline.tiny(VARIANT)
+    pipeline = tiny_pipeline(VARIANT)
     generate = pipeline.generate_prepared
     passes: list[list[str]] = []
 
-    def fails_in_batches(prepared: list[PreparedRequest], progress: Progress | None = None) -> list:
+    def fails_in_batches(prepared: list[PreparedRequest], progress: ProgressCallback | None = None) -> list:
         passes.append([p.request.prompt for p in prepared])
         if len(prepared) > 1:
             raise torch.OutOfMemoryError("injected: no room for a batch of this size")

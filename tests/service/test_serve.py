@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import httpx
-from service_harness import CLIENT_TIMEOUT, QUICK, REPO, START_TIMEOUT, WAIT, child_pids, free_port, wait_until
+from service_harness import CLIENT_TIMEOUT, QUICK, REPO, START_TIMEOUT, WAIT, child_pids, wait_until
+
+from model.testkit import free_port
 
 
 def children(pid: int) -> list[int]:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from media_factory import make_video
 from service_harness import (
     CLIENT_TIMEOUT,
     MAIN_SETTINGS,
@@ -25,6 +24,8 @@ from service_harness import (
     wait_for_status,
     wait_until,
 )
+
+from model.testkit import make_video
 
 CRASH_SETTINGS = {
     key: MAIN_SETTINGS[key]

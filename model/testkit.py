@@ -1,4 +1,5 @@
-"""Real media files for tests and benchmarks, written with PyAV.
+"""Helpers shared by the tests and the benchmarks: real media files written with PyAV, the official frame
+loader written out plainly, a free TCP port and a WxH argument parser.
 
 Every video frame has a known layout so tests can check what a loader did with it:
 a smooth gradient background, a red block in the top-left corner (shows orientation),
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import socket
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -177,3 +179,16 @@ def official_frames(path: Path, duration_sec: float) -> OfficialFrames:
     duration_sec = min(duration_sec, clip.shape[0] / 8.0, sync.shape[0] / 25.0)
     rgb = [frame for _, frame in decoded]
     return OfficialFrames(clip[: int(8.0 * duration_sec)], sync[: int(25.0 * duration_sec)], duration_sec, rgb, fps)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def frame_size(text: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' (a command-line argument) -> (width, height)."""
+    width, height = text.lower().split("x")
+    return int(width), int(height)

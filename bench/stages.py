@@ -1,12 +1,12 @@
 """Per-stage timings of whole generations, with random full-size weights (or the tiny architecture).
 
-    .venv/bin/python -m bench.pipeline [--variant large_44k_v2] [--duration 8] [--batch 1] [--steps 25]
+    .venv/bin/python -m bench.stages [--variant large_44k_v2] [--duration 8] [--batch 1] [--steps 25]
         [--cfg 4.5] [--dtype bf16|fp16|fp32] [--device cuda|cpu] [--repeats 3] [--warmup 1] [--mode video|text]
         [--tiny] [--torch-threads N]
 
 Weights are normals scaled by the weight recipe's per-key rules (``model.recipe.init_value``) but drawn
 by torch on the target device: the recipe's own bit-stable float64 generator needs minutes for the ~2B
-values of a full-size variant.  They go through the official loaders (``Pipeline.from_state_dicts``),
+values of a full-size variant.  They go through the official loaders (``model.build.pipeline_from_state_dicts``),
 so weight-norm folding and the VAE's weight normalisation happen as for real files.
 
 Every request of a batch has its own prompt (the text encoder really runs; only the empty negative
@@ -33,13 +33,14 @@ import open_clip
 import torch
 from torch import Tensor, nn
 
+from model.build import VARIANTS, Architecture, pipeline_from_state_dicts
 from model.flow import FlowNetwork
-from model.pipeline import VARIANTS, Architecture, GenerationRequest, GenerationResult, Pipeline
+from model.pipeline import GenerationRequest, GenerationResult, Pipeline
 from model.recipe import init_value
 from model.synchformer import VISUAL_PREFIX, Synchformer
+from model.testkit import make_video
 from model.vae import VAEDecoder
 from model.vocoder import BigVGAN
-from tests.media_factory import make_video
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODEL_STAGES = ("clip", "sync", "text", "sampling", "vae", "vocoder")
@@ -73,7 +74,7 @@ def random_state_dict(module: nn.Module, generator: torch.Generator) -> dict[str
 
 
 def random_state_dicts(arch: Architecture, device: str | torch.device, seed: int = 0) -> dict[str, dict[str, Tensor]]:
-    """State dicts in the official files' formats, as ``Pipeline.from_state_dicts`` takes them."""
+    """State dicts in the official files' formats, as ``model.build.pipeline_from_state_dicts`` takes them."""
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):  # big skeletons: shapes only
         flow, clip, synchformer = (
@@ -94,7 +95,7 @@ def random_state_dicts(arch: Architecture, device: str | torch.device, seed: int
 def random_pipeline(arch: Architecture, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> Pipeline:
     """Equal seeds give equal weights (in any dtype): the generator runs on ``device`` in float32."""
     info = {"kind": "random", "random_weights": True, "id": f"random-{arch.variant}-seed{seed}"}
-    pipe = Pipeline.from_state_dicts(arch, random_state_dicts(arch, device, seed), info, device=device, dtype=dtype)
+    pipe = pipeline_from_state_dicts(arch, random_state_dicts(arch, device, seed), info, device=device, dtype=dtype)
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # the float32 state dicts are gone
     return pipe

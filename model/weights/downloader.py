@@ -1,7 +1,4 @@
-"""The official weight files: where each one lives, resumable verified downloads, and integrity checks.
-
-weights/manifest.json lists every file (URL or Hugging Face repo, md5, size) and which variant needs which.
-Direct downloads land in ``<weights_dir>/<file>``, Hub files in ``<weights_dir>/hf/<repo>/<file>``.
+"""Resumable, verified downloads of the official weight files, and the command line:
 
     python -m model.weights list
     python -m model.weights verify large_44k_v2 [--dir weights] [--quick]
@@ -12,268 +9,46 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import functools
 import hashlib
-import json
 import os
 import re
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import httpx
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download, hf_hub_url
+from huggingface_hub import hf_hub_download
 from tqdm import tqdm
 
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-OFFICIAL_MANIFEST = DEFAULT_WEIGHTS_DIR / "manifest.json"
-ALL_VARIANTS = "all"  # pseudo-variant: every file of every variant
-HF_SUBDIR = "hf"
-CHUNK_BYTES = 1 << 20
+from model.weights.manifest import (
+    ALL_VARIANTS,
+    DEFAULT_WEIGHTS_DIR,
+    HF_SUBDIR,
+    OFFICIAL_MANIFEST,
+    FileSpec,
+    WeightsError,
+    WeightsManifest,
+)
+from model.weights.verification import (
+    CHUNK_BYTES,
+    MissingFile,
+    VerifyReport,
+    WeightsMissingError,
+    check_file,
+    part_path,
+    progress_bar,
+    verify,
+    write_md5_sidecar,
+)
+
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-
-
-class WeightsError(RuntimeError):
-    """Any problem with the weight files."""
 
 
 class WeightsDownloadError(WeightsError):
     """One file could not be downloaded intact."""
-
-
-@dataclass(frozen=True)
-class FileSpec:
-    """One official file: fetched from ``url``, or from ``hf_repo`` on the Hugging Face Hub."""
-
-    id: str
-    file: str
-    what: str
-    md5: str | None
-    size: int | None
-    url: str | None = None
-    hf_repo: str | None = None
-    revision: str = "main"
-
-    @property
-    def relpath(self) -> Path:
-        """Location inside the weights folder."""
-        if self.hf_repo is None:
-            return Path(self.file)
-        return Path(HF_SUBDIR, *self.hf_repo.split("/"), self.file)
-
-    def source(self, base_url: str | None = None, hf_endpoint: str | None = None) -> str:
-        """The URL the file comes from; ``base_url`` replaces the host and folder of direct downloads (mirrors)."""
-        if self.hf_repo is not None:
-            return hf_hub_url(self.hf_repo, self.file, revision=self.revision, endpoint=hf_endpoint)
-        return f"{base_url.rstrip('/')}/{self.file}" if base_url else str(self.url)
-
-
-@dataclass(frozen=True)
-class VariantPaths:
-    """Where the pipeline finds each checkpoint of one variant."""
-
-    flow: Path
-    vae: Path
-    vocoder: Path
-    synchformer: Path
-    clip: Path
-    clip_config: Path
-    vocoder_config: Path | None = None  # BigVGAN-v2 config.json (44k); the 16k vocoder's config is built in
-
-
-ROLES = frozenset(f.name for f in fields(VariantPaths))
-REQUIRED_ROLES = frozenset(f.name for f in fields(VariantPaths) if f.default is MISSING)
-
-
-@dataclass(frozen=True)
-class WeightsManifest:
-    files: dict[str, FileSpec]
-    variants: dict[str, dict[str, str]]  # variant -> role (a VariantPaths field) -> file id
-
-    @classmethod
-    def load(cls, path: str | Path) -> WeightsManifest:
-        raw = json.loads(Path(path).read_text())
-        files = {file_id: _file_spec(file_id, entry) for file_id, entry in raw["files"].items()}
-        variants: dict[str, dict[str, str]] = raw["variants"]
-        for variant, roles in variants.items():
-            problems = [f"missing role {r}" for r in sorted(REQUIRED_ROLES - set(roles))]
-            problems += [f"unknown role {r}" for r in sorted(set(roles) - ROLES)]
-            problems += [f"unknown file {f}" for f in roles.values() if f not in files]
-            if problems:
-                raise ValueError(f"{path}: variant {variant}: " + ", ".join(problems))
-        return cls(files, variants)
-
-
-def _file_spec(file_id: str, entry: dict[str, Any]) -> FileSpec:
-    if ("url" in entry) == ("hf_repo" in entry):
-        raise ValueError(f"manifest file {file_id} needs exactly one of 'url' and 'hf_repo'")
-    return FileSpec(id=file_id, **entry)
-
-
-@functools.cache
-def official_manifest() -> WeightsManifest:
-    return WeightsManifest.load(OFFICIAL_MANIFEST)
-
-
-def files_for(variant: str, manifest: WeightsManifest | None = None) -> list[FileSpec]:
-    """The files ``variant`` needs (every file for ``all``), in manifest order."""
-    manifest = manifest or official_manifest()
-    if variant == ALL_VARIANTS:
-        return list(manifest.files.values())
-    if variant not in manifest.variants:
-        raise KeyError(f"unknown variant {variant!r}; known: {', '.join(manifest.variants)}")
-    needed = set(manifest.variants[variant].values())
-    return [spec for file_id, spec in manifest.files.items() if file_id in needed]
-
-
-def paths_for(variant: str, weights_dir: str | Path, manifest: WeightsManifest | None = None) -> VariantPaths:
-    """Where each checkpoint of ``variant`` lives under ``weights_dir`` (whether or not it is there yet)."""
-    manifest = manifest or official_manifest()
-    if variant not in manifest.variants:
-        raise KeyError(f"unknown variant {variant!r}; known: {', '.join(manifest.variants)}")
-    roles = manifest.variants[variant]
-    return VariantPaths(**{role: Path(weights_dir) / manifest.files[fid].relpath for role, fid in roles.items()})
-
-
-@dataclass(frozen=True)
-class MissingFile:
-    spec: FileSpec
-    path: Path
-    reason: str
-    source: str
-
-
-class WeightsMissingError(WeightsError):
-    """Files absent or unusable; the message says, for each, what to download and where to put it."""
-
-    def __init__(self, variant: str, weights_dir: Path, missing: list[MissingFile]) -> None:
-        self.variant, self.weights_dir, self.missing = variant, weights_dir, missing
-        lines = [f"{len(missing)} weight file(s) for {variant} missing or unusable in {weights_dir}:"]
-        for item in missing:
-            hub = f" (Hugging Face repo {item.spec.hf_repo}, file {item.spec.file})" if item.spec.hf_repo else ""
-            md5 = f" (md5 {item.spec.md5})" if item.spec.md5 else ""
-            lines += [
-                f"  {item.spec.relpath}: {item.reason}",
-                f"    download {item.source}{hub}",
-                f"    into     {item.path}{md5}",
-            ]
-        lines.append(f"or run: python -m model.weights download {variant} --dir {weights_dir}")
-        super().__init__("\n".join(lines))
-
-
-@dataclass(frozen=True)
-class FileCheck:
-    spec: FileSpec
-    path: Path
-    size: int | None  # bytes on disk, None when absent
-    md5: str | None  # None when not computed
-    problem: str | None  # None when the file is present and matches the manifest
-
-    @property
-    def ok(self) -> bool:
-        return self.problem is None
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    variant: str
-    weights_dir: Path
-    checks: list[FileCheck]
-
-    @property
-    def ok(self) -> bool:
-        return all(check.ok for check in self.checks)
-
-    def raise_for_problems(self) -> None:
-        missing = [MissingFile(c.spec, c.path, str(c.problem), c.spec.source()) for c in self.checks if not c.ok]
-        if missing:
-            raise WeightsMissingError(self.variant, self.weights_dir, missing)
-
-    def format(self) -> str:
-        return "\n".join(
-            f"{'OK ' if c.ok else 'BAD'} {c.spec.relpath}" + (f": {c.problem}" if c.problem else "")
-            for c in self.checks
-        )
-
-
-def verify(
-    variant: str,
-    weights_dir: str | Path,
-    *,
-    check_md5: bool = True,
-    manifest: WeightsManifest | None = None,
-    progress: type[tqdm] | None = tqdm,
-) -> VerifyReport:
-    """Check presence, size and (where the manifest has one, unless ``check_md5`` is off) md5 of every file."""
-    weights_dir = Path(weights_dir)
-    checks = [
-        _check_file(spec, weights_dir / spec.relpath, check_md5, progress) for spec in files_for(variant, manifest)
-    ]
-    return VerifyReport(variant, weights_dir, checks)
-
-
-def _check_file(spec: FileSpec, path: Path, check_md5: bool, progress: type[tqdm] | None) -> FileCheck:
-    if not path.is_file():
-        part = _part_path(path)
-        resumable = f" ({part.stat().st_size} bytes already in {part.name})" if part.is_file() else ""
-        return FileCheck(spec, path, None, None, "not found" + resumable)
-    size = path.stat().st_size
-    if spec.size is not None and size != spec.size:
-        return FileCheck(spec, path, size, None, f"{size} bytes, expected {spec.size}")
-    if not (check_md5 and spec.md5):
-        return FileCheck(spec, path, size, None, None)
-    md5 = cached_md5(path, progress)
-    problem = None if md5 == spec.md5 else f"md5 {md5}, expected {spec.md5}"
-    return FileCheck(spec, path, size, md5, problem)
-
-
-def _part_path(path: Path) -> Path:
-    return path.with_name(path.name + ".part")
-
-
-def _md5_sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".md5")
-
-
-def cached_md5(path: Path, progress: type[tqdm] | None = None) -> str:
-    """md5 of ``path``, remembered in ``<path>.md5`` for as long as the file keeps its size and mtime."""
-    stat = path.stat()
-    try:
-        cached = json.loads(_md5_sidecar(path).read_text())
-        if cached["size"] == stat.st_size and cached["mtime_ns"] == stat.st_mtime_ns:
-            return cached["md5"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    digest = hashlib.md5()
-    with _bar(progress, f"md5 {path.name}", stat.st_size, 0) as bar, path.open("rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    _write_md5_sidecar(path, digest.hexdigest())
-    return digest.hexdigest()
-
-
-def _write_md5_sidecar(path: Path, md5: str) -> None:
-    stat = path.stat()
-    sidecar = _md5_sidecar(path)
-    tmp = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "md5": md5}))
-        os.replace(tmp, sidecar)
-    except OSError:  # a read-only weights volume still verifies, just without the cache
-        tmp.unlink(missing_ok=True)
-
-
-def _bar(progress: type[tqdm] | None, desc: str, total: int | None, initial: int) -> tqdm:
-    bar_class = progress or tqdm
-    return bar_class(
-        desc=desc, total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, disable=progress is None
-    )
 
 
 def download(
@@ -314,7 +89,7 @@ def download(
             try:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with _exclusive(dest):
-                    if _check_file(spec, dest, True, progress).ok:  # another process finished it meanwhile
+                    if check_file(spec, dest, True, progress).ok:  # another process finished it meanwhile
                         continue
                     if spec.hf_repo is None:
                         _fetch_direct(spec, dest, source, client, retries, backoff_s, progress)
@@ -374,7 +149,7 @@ def _fetch_direct(
     backoff_s: float,
     progress: type[tqdm] | None,
 ) -> None:
-    part = _Partial(_part_path(dest))
+    part = _Partial(part_path(dest))
     failures = 0  # consecutive attempts that added no bytes
     while True:
         size_before = part.size
@@ -396,7 +171,7 @@ def _fetch_direct(
         problem = f"{part.size} bytes, expected {spec.size}"
     else:
         os.replace(part.path, dest)
-        _write_md5_sidecar(dest, md5)
+        write_md5_sidecar(dest, md5)
         return
     part.path.unlink()
     raise WeightsDownloadError(f"download from {url} is corrupt ({problem}); deleted it, run again to start over")
@@ -418,7 +193,7 @@ def _stream_once(spec: FileSpec, url: str, client: httpx.Client, part: _Partial,
         total = _total_size(response, part.size)
         if spec.size is not None and total is not None and total != spec.size:
             raise WeightsDownloadError(f"{url} serves {total} bytes, the manifest expects {spec.size}")
-        with _bar(progress, spec.file, total, part.size) as bar:
+        with progress_bar(progress, spec.file, total, part.size) as bar:
             part.append(response, bar)
     if total is not None and part.size < total:  # a close-delimited body cut short raises nothing in httpx
         raise _TransientError(f"connection closed at byte {part.size} of {total}")
@@ -490,7 +265,8 @@ def format_table(manifest: WeightsManifest) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.weights", description=__doc__.splitlines()[0])
+    description = "The official weight files: list, verify, download."
+    parser = argparse.ArgumentParser(prog="python -m model.weights", description=description)
     parser.add_argument("--manifest", type=Path, default=OFFICIAL_MANIFEST)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="print every file, its size, md5, source and the variants that need it")
@@ -526,7 +302,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(report.format())
     return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

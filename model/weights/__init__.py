@@ -1,0 +1,1 @@
+"""The official weight files: manifest (where each lives), verification (size, md5) and downloader + CLI."""
