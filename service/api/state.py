@@ -8,12 +8,12 @@ from fastapi import Request
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from service.auth import KeyRing
+from service.api.auth import KeyRing
+from service.api.submission import Submitter
 from service.jobs import JobRecord, JobStore
 from service.problems import ProblemError
 from service.settings import Settings
 from service.storage import BlobStore
-from service.submission import Submitter
 
 
 @dataclass

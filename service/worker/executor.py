@@ -35,8 +35,8 @@ from model.media import mux_video, write_audio
 from model.pipeline import Cancelled, GenerationRequest, GenerationResult, Pipeline, PreparedRequest
 from model.video import MediaError
 from service import keys, queue
-from service.inspection import media_problem
 from service.jobs import JobRecord, JobStore
+from service.media_problems import media_problem
 from service.metrics import record_stages
 from service.problems import problem_body
 from service.schemas import MASTER_FORMAT, JobStatus

@@ -37,7 +37,7 @@ from service_harness import (
 )
 
 from model.pipeline import Pipeline, PreparedRequest, Progress
-from service import keys, queue, workers
+from service import heartbeats, keys, queue
 from service.jobs import JobRecord, JobStore
 from service.schemas import JobStatus
 from service.settings import Settings
@@ -89,7 +89,7 @@ def queue_job(jobs: JobStore, duration: float, num_steps: int = 2, num_samples: 
 
 
 def worker_claims(jobs: JobStore, name: str) -> QueueClaims:
-    workers.beat(jobs.redis, name, {"name": name}, ttl_seconds=60)
+    heartbeats.beat(jobs.redis, name, {"name": name}, ttl_seconds=60)
     return QueueClaims(jobs.redis, VARIANT, name, reservation_seconds=60)
 
 
@@ -157,7 +157,7 @@ def test_reservations_steer_busy_workers_and_never_hold_back_an_idle_one(job_sto
     assert claimed_ids(idle, limit=2) == [ids[0], ids[1]]  # an idle worker takes the oldest, reserved or not
     assert first.reserve(8) == [entry[ids[3]]]  # the first worker's reservation moved on
 
-    workers.forget(job_store.redis, "w1")  # dead: its reservation counts for nothing
+    heartbeats.forget(job_store.redis, "w1")  # dead: its reservation counts for nothing
     assert second.reserve(8) == [entry[ids[3]]]
     second.release()
     assert not job_store.redis.exists(queue.RESERVATION_PREFIX + ids[3])

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from service.api.auth import ANONYMOUS, KeyRing
 from service.api.ranges import byte_range, content_disposition
-from service.auth import ANONYMOUS, KeyRing
+from service.api.uploads import safe_filename
 from service.problems import ProblemError
 from service.settings import Settings, settings_table
-from service.uploads import safe_filename
-from service.webhooks import check_url, pinned_request, signature
+from service.upkeep.webhooks import check_url, pinned_request, signature
 
 
 def test_every_setting_is_documented() -> None:

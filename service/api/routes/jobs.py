@@ -15,12 +15,12 @@ from starlette.concurrency import run_in_threadpool
 from service.api.events import last_event_id, sse_stream, wait_until_finished
 from service.api.ranges import byte_range, content_disposition
 from service.api.state import app_state, base_url, current_owner, owned_job
+from service.api.transcode import convert_result
+from service.api.uploads import read_submit_body
 from service.problems import MEDIA_TYPE as PROBLEM_MEDIA_TYPE
 from service.problems import ProblemError
 from service.schemas import Job, JobPage, JobParams, JobStatus, ProblemDetails, ResultFormat
 from service.storage import result_name
-from service.transcode import convert_result
-from service.uploads import read_submit_body
 from service.views import available_formats, job_url, job_view
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from service.inspection import inspect_upload
+from service.api.inspection import inspect_upload
 from service.problems import ProblemError
 from service.schemas import InputKind, MediaSummary
 from service.settings import Settings

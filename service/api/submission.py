@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 from redis import Redis
 
-from service import keys, queue, workers
+from service import heartbeats, keys, queue
+from service.api.probing import ProbePool
+from service.api.uploads import SubmitBody
 from service.jobs import JobRecord, JobStore
-from service.probing import ProbePool
 from service.problems import ProblemError
 from service.schemas import EffectiveParams, InputInfo, JobParams, JobStatus
 from service.settings import Settings
 from service.storage import BlobStore, upload_name
-from service.uploads import SubmitBody
-from service.webhooks import check_url
+from service.upkeep.webhooks import check_url
 
 RANDOM_SEED_BOUND = 2**31  # drawn seeds stay easy to read and to type back in
 DEFAULT_JOB_SECONDS = 10.0  # run time assumed for Retry-After before any job has finished
@@ -48,7 +48,7 @@ def estimate_wait_seconds(redis: Redis, settings: Settings, variant: str) -> int
     """Rough time until the queue of ``variant`` drains: depth x mean job time / live workers."""
     mean = redis.hget(keys.JOB_SECONDS, variant)
     per_job = float(mean) if mean else DEFAULT_JOB_SECONDS
-    serving = sum(1 for info in workers.live_workers(redis) if info["variant"] == variant and info["ready"])
+    serving = sum(1 for info in heartbeats.live_workers(redis) if info["variant"] == variant and info["ready"])
     return max(1, math.ceil(queue.depth(redis, variant) * per_job / max(serving, 1)))
 
 

@@ -1,7 +1,7 @@
 """Checking an upload before it is queued: is it a usable video or image within the deployment's limits?
 
-A file that fails here is answered with a 4xx and never reaches a worker. The same error mapping turns a
-MediaError raised later in a worker (while decoding all frames) into the failed job's typed error.
+A file that fails here is answered with a 4xx and never reaches a worker (service.media_problems maps each
+MediaError to its problem, here and in the worker).
 """
 
 from __future__ import annotations
@@ -10,30 +10,12 @@ from pathlib import Path
 
 from model import video
 from model.sequence import SYNC_FPS, SYNC_SEGMENT
+from service.media_problems import media_problem
 from service.problems import ProblemError
 from service.schemas import InputKind, MediaSummary
 from service.settings import Settings
 
 MIN_VIDEO_SECONDS = SYNC_SEGMENT / SYNC_FPS  # one Synchformer window
-
-MEDIA_PROBLEMS: tuple[tuple[type[video.MediaError], str], ...] = (
-    (video.EmptyMediaError, "empty-upload"),
-    (video.UnreadableMediaError, "unreadable-media"),
-    (video.NoVideoStreamError, "no-video-stream"),
-    (video.UnsupportedCodecError, "unsupported-codec"),
-    (video.TruncatedMediaError, "truncated-media"),
-    (video.CorruptMediaError, "corrupt-media"),
-    (video.VideoTooShortError, "video-too-short"),
-    (video.MediaTooLargeError, "media-limits"),
-)
-
-
-def media_problem(error: video.MediaError) -> str:
-    """The problem slug of a MediaError."""
-    for error_type, slug in MEDIA_PROBLEMS:
-        if isinstance(error, error_type):
-            return slug
-    return "corrupt-media"
 
 
 def inspect_upload(path: Path, kind: InputKind, settings: Settings) -> MediaSummary:
