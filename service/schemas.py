@@ -28,8 +28,6 @@ class JobStatus(StrEnum):
 
 InputKind = Literal["video", "image", "text"]
 ResultFormat = Literal["mp4", "flac", "wav", "m4a"]
-MASTER_FORMAT = "flac"  # written for every job; the other audio formats are converted from it on demand
-AUDIO_FORMATS = ("flac", "wav", "m4a")
 
 
 # parameter -> the setting that bounds it

@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service.jobs import JobRecord
-from service.schemas import AUDIO_FORMATS, Job, JobStatus
+from service.results import available_formats
+from service.schemas import Job, JobStatus
 
 
 def timestamp(seconds: float | None) -> datetime | None:
@@ -19,11 +20,6 @@ def job_url(base_url: str, job_id: str) -> str:
 
 def result_url(base_url: str, job_id: str, fmt: str, sample: int) -> str:
     return f"{job_url(base_url, job_id)}/result?format={fmt}&sample={sample}"
-
-
-def available_formats(result: dict[str, Any]) -> list[str]:
-    """What a finished job can be downloaded as: what its worker wrote, and every audio format."""
-    return list(dict.fromkeys([*result["formats"], *AUDIO_FORMATS]))
 
 
 def job_view(record: JobRecord, base_url: str, queue_position: int | None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from service.api.submission import Submitter
 from service.jobs import JobStore
 from service.metrics import RedisCollector
 from service.problems import MEDIA_TYPE, PROBLEMS, ProblemError, problem_body
+from service.results import Results
 from service.settings import Settings, get_settings
 from service.storage import make_store
 from service.upkeep.maintenance import Maintenance, MaintenanceThread
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             events=events,
             store=store,
             jobs=job_store,
+            results=Results(store),
             submitter=Submitter(redis, settings, job_store, store, probes),
             keyring=KeyRing.from_settings(settings),
         )
