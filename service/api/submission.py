@@ -145,11 +145,6 @@ class Submitter:
             self.redis.delete(idem_key)
         raise ProblemError("idempotency-in-progress", "Retry in a moment.", {"Retry-After": "1"})
 
-    def _expected_weights(self) -> dict:
-        """The weights the deployment is configured with; the worker replaces this with what it loaded."""
-        kind = self.settings.weights
-        return {"kind": kind, "random_weights": kind == "tiny", "id": None}
-
     def _create(
         self,
         job_id: str,
