@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import av
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from model.media import mux_video, write_audio
 from service.jobs import JobRecord
 from service.problems import ProblemError
-from service.schemas import JobStatus
+from service.schemas import JobStatus, StoredResult
 from service.storage import BlobStore, result_name
 
 MASTER_FORMAT = "flac"
@@ -30,9 +29,9 @@ DOWNLOAD_AUDIO_FORMATS = ("flac", "wav", "m4a")  # every finished job offers the
 MEDIA_TYPES = {"mp4": "video/mp4", "flac": "audio/flac", "wav": "audio/wav", "m4a": "audio/mp4"}
 
 
-def available_formats(result: dict[str, Any]) -> list[str]:
+def available_formats(result: StoredResult) -> list[str]:
     """What a finished job can be downloaded as: what its worker wrote, and every audio format."""
-    return list(dict.fromkeys([*result["formats"], *DOWNLOAD_AUDIO_FORMATS]))
+    return list(dict.fromkeys([*result.formats, *DOWNLOAD_AUDIO_FORMATS]))
 
 
 def read_audio(data: bytes) -> tuple[torch.Tensor, int]:
@@ -74,7 +73,7 @@ class Results:
         duration: float,
         media: Path | None,
         ttl_seconds: int,
-    ) -> dict[str, Any]:
+    ) -> StoredResult:
         """Write every sample of ``audio`` (samples, channels, time) in the output format and the master;
         returns the job's result record."""
         formats = list(dict.fromkeys([output_format, MASTER_FORMAT]))
@@ -95,14 +94,14 @@ class Results:
                     data = buffer.getvalue()
                     self.store.put_bytes(name, data, ttl_seconds)
                     sizes[f"{sample}.{fmt}"] = len(data)
-        return {
-            "duration": duration,
-            "sample_rate": sample_rate,
-            "num_samples": audio.shape[0],
-            "formats": formats,
-            "sizes": sizes,
-            "ttl_seconds": ttl_seconds,
-        }
+        return StoredResult(
+            duration=duration,
+            sample_rate=sample_rate,
+            num_samples=audio.shape[0],
+            formats=formats,
+            sizes=sizes,
+            ttl_seconds=ttl_seconds,
+        )
 
     def open(self, record: JobRecord, fmt: str | None, sample: int) -> OpenResult:
         """Result ``fmt`` (default: the job's output format) of ``sample``, converted first if need be;
@@ -112,20 +111,20 @@ class Results:
                 raise ProblemError("result-unavailable", f"The job {record.status.value}; it has no result.")
             raise ProblemError("job-not-finished", f"The job is {record.status.value}.")
         assert record.result is not None
-        fmt = fmt or record.params["output_format"]
+        fmt = fmt or record.params.output_format
         formats = available_formats(record.result)
-        if fmt not in formats or sample >= record.result["num_samples"]:
+        if fmt not in formats or sample >= record.result.num_samples:
             raise ProblemError(
                 "result-unavailable",
-                f"Formats: {', '.join(formats)}; samples 0 to {record.result['num_samples'] - 1}.",
+                f"Formats: {', '.join(formats)}; samples 0 to {record.result.num_samples - 1}.",
             )
         name = result_name(record.id, sample, fmt)
         size = self.store.size(name)
-        if size is None and fmt not in record.result["formats"]:
+        if size is None and fmt not in record.result.formats:
             size = self._convert(record, sample, fmt)
         if size is None:
             raise ProblemError("result-unavailable", "The result has expired.")
-        stem = Path(record.input.get("filename") or f"mmaudio-{record.id[:8]}").stem
+        stem = Path(record.input.filename or f"mmaudio-{record.id[:8]}").stem
         return OpenResult(self.store, name, fmt, size, MEDIA_TYPES[fmt], f"{stem}-{sample}.{fmt}")
 
     def _convert(self, record: JobRecord, sample: int, fmt: str) -> int | None:
@@ -137,7 +136,7 @@ class Results:
         audio, rate = read_audio(master)
         buffer = io.BytesIO()
         write_audio(buffer, audio, rate, fmt)
-        ttl = int(record.finished_at + record.result["ttl_seconds"] - time.time())
+        ttl = int(record.finished_at + record.result.ttl_seconds - time.time())
         if ttl <= 0:
             return None
         self.store.put_bytes(result_name(record.id, sample, fmt), buffer.getvalue(), ttl)

@@ -175,6 +175,23 @@ class WebhookInfo(BaseModel):
     last_error: str | None = None
 
 
+class StoredResult(BaseModel):
+    """What the job record keeps of its stored files (the public ResultInfo is made from it)."""
+
+    duration: float
+    sample_rate: int
+    num_samples: int
+    formats: list[ResultFormat] = Field(description="Written by the worker; other audio formats are converted.")
+    sizes: dict[str, int] = Field(description="Bytes by '<sample>.<format>'.")
+    ttl_seconds: int
+
+
+class WebhookState(WebhookInfo):
+    """The job record's webhook: the public part, and the base URL its job object's links are made with."""
+
+    base_url: str
+
+
 class Links(BaseModel):
     self: str
     events: str

@@ -28,7 +28,7 @@ def job_view(record: JobRecord, base_url: str, queue_position: int | None) -> di
     result = None
     if record.result is not None:
         formats = available_formats(record.result)
-        sizes: dict[str, int] = record.result["sizes"]
+        sizes = record.result.sizes
         files = [
             {
                 "sample": sample,
@@ -36,18 +36,18 @@ def job_view(record: JobRecord, base_url: str, queue_position: int | None) -> di
                 "size": sizes.get(f"{sample}.{fmt}"),
                 "href": result_url(base_url, record.id, fmt, sample),
             }
-            for sample in range(record.result["num_samples"])
+            for sample in range(record.result.num_samples)
             for fmt in formats
         ]
         result = {
-            "duration": record.result["duration"],
-            "sample_rate": record.result["sample_rate"],
-            "num_samples": record.result["num_samples"],
+            "duration": record.result.duration,
+            "sample_rate": record.result.sample_rate,
+            "num_samples": record.result.num_samples,
             "formats": formats,
             "files": files,
-            "expires_at": timestamp(record.finished_at + record.result["ttl_seconds"]),
+            "expires_at": timestamp(record.finished_at + record.result.ttl_seconds),
         }
-    output_format = record.params["output_format"]
+    output_format = record.params.output_format
     job = Job(
         id=record.id,
         status=record.status,

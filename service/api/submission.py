@@ -18,7 +18,16 @@ from service.api.probing import ProbePool
 from service.api.uploads import SubmitBody
 from service.jobs import JobRecord, JobStore
 from service.problems import ProblemError
-from service.schemas import EffectiveParams, InputInfo, JobParams, JobStatus
+from service.schemas import (
+    EffectiveParams,
+    InputInfo,
+    JobParams,
+    JobStatus,
+    ModelInfo,
+    Progress,
+    WebhookState,
+    WeightsInfo,
+)
 from service.settings import Settings
 from service.storage import BlobStore, upload_name
 from service.upkeep.webhooks import check_url
@@ -171,21 +180,17 @@ class Submitter:
             owner=owner,
             status=JobStatus.queued,
             created_at=time.time(),
-            params=effective.model_dump(mode="json"),
-            input=input_info.model_dump(mode="json"),
-            model={
-                "variant": variant,
-                "weights": {
-                    "kind": self.settings.weights,
-                    "random_weights": self.settings.weights == "tiny",
-                    "id": None,
-                },
-            },
+            params=effective,
+            input=input_info,
+            model=ModelInfo(
+                variant=variant,
+                weights=WeightsInfo(kind=self.settings.weights, random_weights=self.settings.weights == "tiny"),
+            ),
             upload=upload,
-            progress={"stage": "queued", "fraction": 0.0},
+            progress=Progress(stage="queued", fraction=0.0),
             webhook=None
             if params.webhook_url is None
-            else {"url": params.webhook_url, "status": "pending", "attempts": 0, "base_url": base_url},
+            else WebhookState(url=params.webhook_url, status="pending", base_url=base_url),
         )
         try:
             self.jobs.create(record)

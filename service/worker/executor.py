@@ -29,7 +29,7 @@ import torch
 from redis import Redis
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
-from model.pipeline import Cancelled, GenerationRequest, GenerationResult, Pipeline, PreparedRequest
+from model.pipeline import REQUEST_PARAMETERS, Cancelled, GenerationRequest, GenerationResult, Pipeline, PreparedRequest
 from model.video import MediaError
 from service import keys, queue
 from service.jobs import JobRecord, JobStore, UpdateOutcome
@@ -37,7 +37,7 @@ from service.media_problems import media_problem
 from service.metrics import record_stages
 from service.problems import problem_body
 from service.results import Results
-from service.schemas import JobStatus
+from service.schemas import JobStatus, ModelInfo, WeightsInfo
 from service.storage import BlobStore
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,8 @@ class JobExecutor:
             "timeout", f"the job ran longer than {self.settings.job_timeout_seconds:g} s"
         )
 
-    def model_info(self) -> dict[str, Any]:
-        return {"variant": self.pipeline.variant, "weights": self.pipeline.weights_info}
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(variant=self.pipeline.variant, weights=WeightsInfo(**self.pipeline.weights_info))
 
     def held_jobs(self) -> list[str]:
         with self._held_lock:
@@ -130,7 +130,7 @@ class JobExecutor:
             started = time.perf_counter()
             media = None
             if record.upload is not None:
-                suffix = Path(record.input.get("filename") or "").suffix
+                suffix = Path(record.input.filename or "").suffix
                 media = resources.enter_context(self.store.local_path(record.upload, suffix))
             fetched = time.perf_counter() - started
             prepared = self.pipeline.prepare(self._request(record, media))
@@ -140,17 +140,9 @@ class JobExecutor:
         return JobInput(prepared, media, fetched, ahead, resources)
 
     def _request(self, record: JobRecord, media: Path | None) -> GenerationRequest:
-        params = record.params
-        kind = record.input["kind"]
+        kind = record.input.kind
         return GenerationRequest(
-            prompt=params["prompt"],
-            negative_prompt=params["negative_prompt"],
-            duration=params["duration"],
-            num_steps=params["num_steps"],
-            cfg_strength=params["cfg_strength"],
-            seed=params["seed"],
-            mask_away_clip=params["mask_away_clip"],
-            num_samples=params["num_samples"],
+            **record.params.model_dump(include={item.name for item in REQUEST_PARAMETERS}),
             video=media if kind == "video" else None,
             image=media if kind == "image" else None,
         )
@@ -270,7 +262,7 @@ class JobExecutor:
             started = time.perf_counter()
             result_info = self.results.store_job(
                 job.record.id,
-                job.record.params["output_format"],
+                job.record.params.output_format,
                 result.audio,
                 result.sample_rate,
                 result.duration,

@@ -39,13 +39,14 @@ from service_harness import (
 from model.pipeline import Pipeline, PreparedRequest, Progress
 from service import heartbeats, keys, queue
 from service.jobs import JobRecord, JobStore
-from service.schemas import JobStatus
+from service.schemas import EffectiveParams, InputInfo, JobStatus, ModelInfo, WeightsInfo
 from service.settings import Settings
 from service.storage import RedisStore, result_name
 from service.worker.claims import QueueClaims
 from service.worker.executor import JobExecutor
 
 VARIANT = "small_16k"
+MODEL = ModelInfo(variant=VARIANT, weights=WeightsInfo(kind="tiny", random_weights=True))
 BATCH_SETTINGS = {
     "MMAUDIO_WEIGHTS": "tiny",
     "MMAUDIO_VARIANT": VARIANT,
@@ -83,7 +84,15 @@ def queue_job(jobs: JobStore, duration: float, num_steps: int = 2, num_samples: 
         "variant": VARIANT,
         "output_format": "flac",
     }
-    record = JobRecord(str(uuid.uuid4()), "test", JobStatus.queued, time.time(), params, {"kind": "text"}, {})
+    record = JobRecord(
+        str(uuid.uuid4()),
+        "test",
+        JobStatus.queued,
+        time.time(),
+        EffectiveParams(**params),
+        InputInfo(kind="text"),
+        MODEL,
+    )
     jobs.create(record)
     return record.id
 
@@ -94,7 +103,7 @@ def worker_claims(jobs: JobStore, name: str) -> QueueClaims:
 
 
 def claimed_ids(claims: QueueClaims, limit: int = 8) -> list[str]:
-    return [record.id for record in claims.claim(limit, {"variant": VARIANT})]
+    return [record.id for record in claims.claim(limit, MODEL)]
 
 
 def test_a_claim_takes_the_oldest_job_and_the_next_ones_of_its_group(job_store: JobStore) -> None:
@@ -190,7 +199,7 @@ def test_a_failed_shared_pass_runs_each_job_alone(job_store: JobStore, monkeypat
     rain, thunder, wind = (job_store.get(job_id) for job_id in ids)
     assert rain.status is wind.status is JobStatus.succeeded and rain.timings["batch_size"] == 1
     assert thunder.status is JobStatus.failed and "fails on its own" in thunder.error["detail"]
-    assert job_store.store.size(result_name(wind.id, 0, "flac")) == wind.result["sizes"]["0.flac"] > 0
+    assert job_store.store.size(result_name(wind.id, 0, "flac")) == wind.result.sizes["0.flac"] > 0
     assert not executor.held_jobs() and not job_store.running_ids()
 
 
