@@ -21,7 +21,7 @@ import torch
 from model.build import VARIANTS, load_pipeline
 from model.media import mux_video, write_audio
 from model.media_errors import MediaError
-from model.pipeline import GenerationRequest
+from model.pipeline import REQUEST_PARAMETERS, GenerationRequest
 from model.weights.manifest import WeightsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,15 +39,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--video", type=Path, help="video to make a soundtrack for")
     source.add_argument("--image", type=Path, help="still image (image-to-audio)")
-    parser.add_argument("--prompt", default="", help="what the audio should contain")
-    parser.add_argument("--negative-prompt", default="", help="what it should not contain")
+    for item in REQUEST_PARAMETERS:
+        flag = item.metadata["flag"] or "--" + item.name.replace("_", "-")
+        if isinstance(item.default, bool):
+            parser.add_argument(flag, dest=item.name, action="store_true", help=item.metadata["help"])
+        else:
+            kind = type(item.default)
+            parser.add_argument(flag, dest=item.name, type=kind, default=item.default, help=item.metadata["help"])
     parser.add_argument("--variant", default="large_44k_v2", choices=VARIANTS)
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds (a shorter video shortens it)")
-    parser.add_argument("--steps", type=int, default=25, help="Euler steps")
-    parser.add_argument("--cfg-strength", type=float, default=4.5, help="classifier-free guidance")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--mask-away-clip", action="store_true", help="ignore the video's CLIP (semantic) features")
     parser.add_argument("--weights", default="official", choices=("official", "tiny"), help="tiny: random weights")
     parser.add_argument("--weights-dir", type=Path, default=Path("weights"))
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
@@ -61,16 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
     request = GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        duration=args.duration,
-        num_steps=args.steps,
-        cfg_strength=args.cfg_strength,
-        seed=args.seed,
-        mask_away_clip=args.mask_away_clip,
-        num_samples=args.num_samples,
-        video=args.video,
-        image=args.image,
+        **{item.name: getattr(args, item.name) for item in REQUEST_PARAMETERS}, video=args.video, image=args.image
     )
     try:
         pipeline = load_pipeline(

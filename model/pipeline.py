@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,18 +46,32 @@ class Cancelled(Exception):
     """Raised by a progress callback to stop a generation between steps."""
 
 
+def parameter(default: Any, help_text: str, flag: str | None = None) -> Any:
+    """A generation parameter: its default and the help text the CLI shows (``flag``: its option, when not
+    the field's name)."""
+    return field(default=default, metadata={"help": help_text, "flag": flag})
+
+
 @dataclass
 class GenerationRequest:
-    prompt: str = ""
-    negative_prompt: str | None = ""  # None: the checkpoint's learned empty-prompt features (no negative prompt)
-    duration: float = 8.0  # seconds; a video may shorten it (its frames run out)
-    num_steps: int = 25
-    cfg_strength: float = 4.5
-    seed: int = 42
-    mask_away_clip: bool = False  # ignore the video's CLIP features (keep its sync features)
-    num_samples: int = 1  # noise = randn(num_samples, ...) from one generator seeded with `seed`
+    """The parameters of one generation (the one table of them: the CLI's options are made from it, the
+    service maps its job parameters onto it by name) and its input, a video, an image or none."""
+
+    prompt: str = parameter("", "what the audio should contain")
+    # None: the checkpoint's learned empty-prompt features (no negative prompt)
+    negative_prompt: str | None = parameter("", "what it should not contain")
+    duration: float = parameter(8.0, "seconds (a shorter video shortens it)")
+    num_steps: int = parameter(25, "Euler steps", flag="--steps")
+    cfg_strength: float = parameter(4.5, "classifier-free guidance")
+    seed: int = parameter(42, "random seed")
+    mask_away_clip: bool = parameter(False, "ignore the video's CLIP (semantic) features (keep its sync features)")
+    # noise = randn(num_samples, ...) from one generator seeded with `seed`
+    num_samples: int = parameter(1, "samples generated together")
     video: Path | None = None
     image: Path | None = None
+
+
+REQUEST_PARAMETERS = tuple(item for item in fields(GenerationRequest) if "help" in item.metadata)
 
 
 @dataclass

@@ -19,15 +19,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
 from redis import Redis
 from redis.client import Pipeline
 
 from service import keys, queue
-from service.schemas import JobStatus
+from service.schemas import (
+    EffectiveParams,
+    InputInfo,
+    JobStatus,
+    ModelInfo,
+    Progress,
+    StoredResult,
+    WebhookState,
+)
 from service.settings import Settings
 from service.storage import BlobStore
 
 JSON_FIELDS = ("params", "input", "model", "progress", "timings", "result", "error", "webhook")
+# the JSON fields stored as a schema model: decoded into it, encoded from it
+MODEL_FIELDS: dict[str, type[BaseModel]] = {
+    "params": EffectiveParams,
+    "input": InputInfo,
+    "model": ModelInfo,
+    "progress": Progress,
+    "result": StoredResult,
+    "webhook": WebhookState,
+}
 
 # A Lua function applying one guarded change to a job, shared by every script that changes jobs (this
 # module's update, the workers' batch claim). Arguments: job hash, running set, status counts, pub/sub channel,
@@ -83,17 +101,17 @@ class JobRecord:
     owner: str
     status: JobStatus
     created_at: float
-    params: dict[str, Any]  # EffectiveParams
-    input: dict[str, Any]  # InputInfo
-    model: dict[str, Any]  # ModelInfo
+    params: EffectiveParams
+    input: InputInfo
+    model: ModelInfo
     upload: str | None = None  # blob name of the uploaded file
     started_at: float | None = None
     finished_at: float | None = None
-    progress: dict[str, Any] | None = None
+    progress: Progress | None = None
     timings: dict[str, Any] = field(default_factory=dict)
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    webhook: dict[str, Any] | None = None
+    result: StoredResult | None = None
+    error: dict[str, Any] | None = None  # problem details (problems.problem_body)
+    webhook: WebhookState | None = None
     attempts: int = 0
     worker: str | None = None
     cancel_requested: bool = False
@@ -101,7 +119,7 @@ class JobRecord:
 
     @property
     def variant(self) -> str:
-        return self.params["variant"]
+        return self.params.variant
 
     def to_hash(self) -> dict[str, str]:
         values: dict[str, Any] = {
@@ -119,11 +137,8 @@ class JobRecord:
             value = getattr(self, name)
             if value is not None:
                 values[name] = repr(value)
-        for name in JSON_FIELDS:
-            value = getattr(self, name)
-            if value is not None:
-                values[name] = json.dumps(value)
-        return values
+        present = {name: getattr(self, name) for name in JSON_FIELDS if getattr(self, name) is not None}
+        return values | encode_fields(present)
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:
@@ -133,7 +148,10 @@ class JobRecord:
             return float(data[name]) if data.get(name) else None
 
         def decoded(name: str) -> Any:
-            return json.loads(data[name]) if data.get(name) else None
+            if not data.get(name) or data[name] == "null":
+                return None
+            schema = MODEL_FIELDS.get(name)
+            return schema.model_validate_json(data[name]) if schema else json.loads(data[name])
 
         return cls(
             id=data["id"],
@@ -173,10 +191,13 @@ def _outcome(reply: list | None) -> UpdateOutcome:
 
 
 def encode_fields(fields: dict[str, Any]) -> dict[str, str]:
-    """Field values as the hash stores them: JSON for structured ones, repr for times."""
+    """Field values as the hash stores them: JSON for structured ones (schema models or plain values), repr
+    for times. The one place a record's fields are encoded for Redis; JobRecord.from_hash decodes them."""
     encoded = {}
     for name, value in fields.items():
-        if name in JSON_FIELDS:
+        if isinstance(value, BaseModel):
+            encoded[name] = value.model_dump_json()
+        elif name in JSON_FIELDS:
             encoded[name] = json.dumps(value)
         elif isinstance(value, float):
             encoded[name] = repr(value)

@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from redis import Redis
 
-from service import keys, queue, workers
+from service import heartbeats, keys, queue
 from service.schemas import JobStatus
 
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, math.inf)
@@ -59,7 +59,7 @@ class RedisCollector(Collector):
             depth.add_metric([variant], count)
         yield depth
 
-        live = workers.live_workers(self.redis)
+        live = heartbeats.live_workers(self.redis)
         gauge = GaugeMetricFamily("mmaudio_workers", "Live workers with their model loaded", labels=["variant"])
         for variant in sorted({*self.variants, *(info["variant"] for info in live)}):
             gauge.add_metric([variant], sum(1 for info in live if info["variant"] == variant and info["ready"]))

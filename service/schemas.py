@@ -28,8 +28,6 @@ class JobStatus(StrEnum):
 
 InputKind = Literal["video", "image", "text"]
 ResultFormat = Literal["mp4", "flac", "wav", "m4a"]
-MASTER_FORMAT = "flac"  # written for every job; the other audio formats are converted from it on demand
-AUDIO_FORMATS = ("flac", "wav", "m4a")
 
 
 # parameter -> the setting that bounds it
@@ -175,6 +173,23 @@ class WebhookInfo(BaseModel):
     status: Literal["pending", "delivered", "failed"]
     attempts: int = 0
     last_error: str | None = None
+
+
+class StoredResult(BaseModel):
+    """What the job record keeps of its stored files (the public ResultInfo is made from it)."""
+
+    duration: float
+    sample_rate: int
+    num_samples: int
+    formats: list[ResultFormat] = Field(description="Written by the worker; other audio formats are converted.")
+    sizes: dict[str, int] = Field(description="Bytes by '<sample>.<format>'.")
+    ttl_seconds: int
+
+
+class WebhookState(WebhookInfo):
+    """The job record's webhook: the public part, and the base URL its job object's links are made with."""
+
+    base_url: str
 
 
 class Links(BaseModel):

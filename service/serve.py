@@ -43,19 +43,33 @@ class Child:
 
     def start(self) -> None:
         log.info("starting %s", self.name)
-        self.process = subprocess.Popen(self.command, env=self.env)
+        # its own process group: a Ctrl-C in the terminal reaches the launcher alone, which then stops the
+        # children in order (Redis last, once nothing uses it)
+        self.process = subprocess.Popen(self.command, env=self.env, process_group=0)
         self.started_at = time.monotonic()
 
-    def stop(self, grace: float) -> None:
-        if self.process is None or self.process.poll() is not None:
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+
+    def wait(self, grace: float) -> None:
+        """Wait for the terminated child to exit; kill it after ``grace`` seconds."""
+        if self.process is None:
             return
-        self.process.terminate()
         try:
             self.process.wait(grace)
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop in %.0f s; killing it", self.name, grace)
             self.process.kill()
             self.process.wait()
+
+
+def stop_all(children: list[Child], grace: float) -> None:
+    """Stop ``children`` together (each finishes what it is doing within ``grace``)."""
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.wait(grace)
 
 
 def start_redis(settings: Settings) -> Child:
@@ -122,10 +136,9 @@ def main() -> None:
             for worker in workers:
                 _supervise(worker)
     finally:
-        for child in [api, *workers]:
-            child.stop(STOP_GRACE_SECONDS)
+        stop_all([api, *workers], STOP_GRACE_SECONDS)
         if redis is not None:
-            redis.stop(STOP_GRACE_SECONDS)
+            stop_all([redis], STOP_GRACE_SECONDS)
 
 
 def _supervise(worker: Child) -> None:

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.video import FramePath
 from model.weights.manifest import DEFAULT_WEIGHTS_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +52,7 @@ class Settings(BaseSettings):
     warmup: bool = Field(
         True, description="A worker runs one short generation after loading, before it reports ready and takes jobs."
     )
-    frame_path: Literal["exact", "fast"] = Field(
+    frame_path: FramePath = Field(
         "exact",
         description="Video frame resizing: `exact` reproduces the official frames; `fast` scales in libswscale "
         "(several times cheaper, a few uint8 codes off).",

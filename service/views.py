@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service.jobs import JobRecord
-from service.schemas import AUDIO_FORMATS, Job, JobStatus
+from service.results import available_formats
+from service.schemas import Job, JobStatus
 
 
 def timestamp(seconds: float | None) -> datetime | None:
@@ -21,18 +22,13 @@ def result_url(base_url: str, job_id: str, fmt: str, sample: int) -> str:
     return f"{job_url(base_url, job_id)}/result?format={fmt}&sample={sample}"
 
 
-def available_formats(result: dict[str, Any]) -> list[str]:
-    """What a finished job can be downloaded as: what its worker wrote, and every audio format."""
-    return list(dict.fromkeys([*result["formats"], *AUDIO_FORMATS]))
-
-
 def job_view(record: JobRecord, base_url: str, queue_position: int | None) -> dict[str, Any]:
     """The job object (JSON-ready) of ``record``; validated against the public schema."""
     href = job_url(base_url, record.id)
     result = None
     if record.result is not None:
         formats = available_formats(record.result)
-        sizes: dict[str, int] = record.result["sizes"]
+        sizes = record.result.sizes
         files = [
             {
                 "sample": sample,
@@ -40,18 +36,18 @@ def job_view(record: JobRecord, base_url: str, queue_position: int | None) -> di
                 "size": sizes.get(f"{sample}.{fmt}"),
                 "href": result_url(base_url, record.id, fmt, sample),
             }
-            for sample in range(record.result["num_samples"])
+            for sample in range(record.result.num_samples)
             for fmt in formats
         ]
         result = {
-            "duration": record.result["duration"],
-            "sample_rate": record.result["sample_rate"],
-            "num_samples": record.result["num_samples"],
+            "duration": record.result.duration,
+            "sample_rate": record.result.sample_rate,
+            "num_samples": record.result.num_samples,
             "formats": formats,
             "files": files,
-            "expires_at": timestamp(record.finished_at + record.result["ttl_seconds"]),
+            "expires_at": timestamp(record.finished_at + record.result.ttl_seconds),
         }
-    output_format = record.params["output_format"]
+    output_format = record.params.output_format
     job = Job(
         id=record.id,
         status=record.status,

@@ -17,18 +17,19 @@ from redis.asyncio import Redis as AsyncRedis
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from service.api.auth import KeyRing
+from service.api.probing import ProbePool
 from service.api.routes import health, jobs
 from service.api.state import AppState
-from service.auth import KeyRing
+from service.api.submission import Submitter
 from service.jobs import JobStore
-from service.maintenance import Maintenance, MaintenanceThread
 from service.metrics import RedisCollector
-from service.probing import ProbePool
 from service.problems import MEDIA_TYPE, PROBLEMS, ProblemError, problem_body
+from service.results import Results
 from service.settings import Settings, get_settings
 from service.storage import make_store
-from service.submission import Submitter
-from service.webhooks import WebhookSender
+from service.upkeep.maintenance import Maintenance, MaintenanceThread
+from service.upkeep.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             events=events,
             store=store,
             jobs=job_store,
+            results=Results(store),
             submitter=Submitter(redis, settings, job_store, store, probes),
             keyring=KeyRing.from_settings(settings),
         )

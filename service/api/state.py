@@ -8,12 +8,13 @@ from fastapi import Request
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from service.auth import KeyRing
+from service.api.auth import KeyRing
+from service.api.submission import Submitter
 from service.jobs import JobRecord, JobStore
 from service.problems import ProblemError
+from service.results import Results
 from service.settings import Settings
 from service.storage import BlobStore
-from service.submission import Submitter
 
 
 @dataclass
@@ -23,6 +24,7 @@ class AppState:
     events: AsyncRedis  # asyncio client for pub/sub waits (SSE, Prefer: wait)
     store: BlobStore
     jobs: JobStore
+    results: Results
     submitter: Submitter
     keyring: KeyRing
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
 from redis import Redis
 
 from service import keys, queue
 from service.jobs import CHANGE_JOB_LUA, JobRecord, encode_fields
+from service.schemas import ModelInfo
 
 # Lua functions of both scripts.
 #   queued_jobs: the valid entries of the queue in order, each {entry, id, attempt, duration, steps, samples,
@@ -138,7 +138,7 @@ class QueueClaims:
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._reserve = redis.register_script(RESERVE_SCRIPT)
 
-    def claim(self, limit: int, model: dict[str, Any]) -> list[JobRecord]:
+    def claim(self, limit: int, model: ModelInfo) -> list[JobRecord]:
         """Take the next batch (at most ``limit`` samples): each job becomes ``running`` under this worker, its
         attempt counted, its start time and the loaded ``model`` recorded."""
         fields = {

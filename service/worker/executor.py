@@ -14,10 +14,8 @@ the next pass runs.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -31,16 +29,16 @@ import torch
 from redis import Redis
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
-from model.media import mux_video, write_audio
 from model.media_errors import MediaError
-from model.pipeline import Cancelled, GenerationRequest, GenerationResult, Pipeline, PreparedRequest
+from model.pipeline import REQUEST_PARAMETERS, Cancelled, GenerationRequest, GenerationResult, Pipeline, PreparedRequest
 from service import keys, queue
-from service.inspection import media_problem
-from service.jobs import JobRecord, JobStore
+from service.jobs import JobRecord, JobStore, UpdateOutcome
+from service.media_problems import media_problem
 from service.metrics import record_stages
 from service.problems import problem_body
-from service.schemas import MASTER_FORMAT, JobStatus
-from service.storage import BlobStore, result_name
+from service.results import Results
+from service.schemas import JobStatus, ModelInfo, WeightsInfo
+from service.storage import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +105,7 @@ class JobExecutor:
         self.jobs = jobs
         self.settings = jobs.settings
         self.store = store
+        self.results = Results(store)
         self.pipeline = pipeline
         self.worker_name = worker_name
         self._held: set[str] = set()  # ids of the claimed jobs not finished yet; read by the heartbeat thread
@@ -115,8 +114,8 @@ class JobExecutor:
             "timeout", f"the job ran longer than {self.settings.job_timeout_seconds:g} s"
         )
 
-    def model_info(self) -> dict[str, Any]:
-        return {"variant": self.pipeline.variant, "weights": self.pipeline.weights_info}
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(variant=self.pipeline.variant, weights=WeightsInfo(**self.pipeline.weights_info))
 
     def held_jobs(self) -> list[str]:
         with self._held_lock:
@@ -131,7 +130,7 @@ class JobExecutor:
             started = time.perf_counter()
             media = None
             if record.upload is not None:
-                suffix = Path(record.input.get("filename") or "").suffix
+                suffix = Path(record.input.filename or "").suffix
                 media = resources.enter_context(self.store.local_path(record.upload, suffix))
             fetched = time.perf_counter() - started
             prepared = self.pipeline.prepare(self._request(record, media))
@@ -141,17 +140,9 @@ class JobExecutor:
         return JobInput(prepared, media, fetched, ahead, resources)
 
     def _request(self, record: JobRecord, media: Path | None) -> GenerationRequest:
-        params = record.params
-        kind = record.input["kind"]
+        kind = record.input.kind
         return GenerationRequest(
-            prompt=params["prompt"],
-            negative_prompt=params["negative_prompt"],
-            duration=params["duration"],
-            num_steps=params["num_steps"],
-            cfg_strength=params["cfg_strength"],
-            seed=params["seed"],
-            mask_away_clip=params["mask_away_clip"],
-            num_samples=params["num_samples"],
+            **record.params.model_dump(include={item.name for item in REQUEST_PARAMETERS}),
             video=media if kind == "video" else None,
             image=media if kind == "image" else None,
         )
@@ -235,13 +226,7 @@ class JobExecutor:
 
         def report(stage: str, fraction: float) -> None:
             live = [job for job in group if not job.ended]
-            outcomes = self.jobs.update_owned(
-                [job.owned for job in live],
-                RUNNING,
-                self.worker_name,
-                event="progress",
-                progress={"stage": stage, "fraction": round(fraction, 4)},
-            )
+            outcomes = self._publish_progress(live, stage, fraction)
             now = time.monotonic()
             for job, outcome in zip(live, outcomes, strict=True):
                 if not outcome.applied:
@@ -272,9 +257,18 @@ class JobExecutor:
     def _complete(self, job: ActiveJob, result: GenerationResult) -> None:
         assert job.input is not None
         try:
-            self._report(job, "encoding", 0.0)
+            if not self._publish_progress([job], "encoding", 0.0)[0].applied:
+                raise JobLost(job.record.id)
             started = time.perf_counter()
-            result_info = self._store_results(job.record, result, job.input.media)
+            result_info = self.results.store_job(
+                job.record.id,
+                job.record.params.output_format,
+                result.audio,
+                result.sample_rate,
+                result.duration,
+                job.input.media,
+                self.settings.result_ttl_seconds,
+            )
             job.timings["encode"] = time.perf_counter() - started
         except JobLost:
             log.warning("job %s attempt %d was taken from this worker; dropped", *job.owned)
@@ -303,50 +297,12 @@ class JobExecutor:
         )
         return outcome.applied
 
-    def _report(self, job: ActiveJob, stage: str, fraction: float) -> None:
-        """Publish one job's progress; raises JobLost if the job is no longer this worker's."""
-        job_id, attempt = job.owned
-        outcome = self.jobs.update(
-            job_id,
-            RUNNING,
-            by_worker=self.worker_name,
-            at_attempt=attempt,
-            event="progress",
-            progress={"stage": stage, "fraction": round(fraction, 4)},
+    def _publish_progress(self, jobs: list[ActiveJob], stage: str, fraction: float) -> list[UpdateOutcome]:
+        """Write and announce the progress of jobs of this worker, in one round trip."""
+        progress = {"stage": stage, "fraction": round(fraction, 4)}
+        return self.jobs.update_owned(
+            [job.owned for job in jobs], RUNNING, self.worker_name, event="progress", progress=progress
         )
-        if not outcome.applied:
-            raise JobLost(job_id)
-
-    def _store_results(self, record: JobRecord, result: GenerationResult, media: Path | None) -> dict[str, Any]:
-        ttl = self.settings.result_ttl_seconds
-        # The requested format, and FLAC: the lossless master that other audio formats are converted from
-        # on their first download (the mp4 cannot be: the upload is gone by then).
-        formats = list(dict.fromkeys([record.params["output_format"], MASTER_FORMAT]))
-        sizes = {}
-        for sample in range(result.audio.shape[0]):
-            audio = result.audio[sample : sample + 1]
-            for fmt in formats:
-                name = result_name(record.id, sample, fmt)
-                if fmt == "mp4":
-                    assert media is not None
-                    with tempfile.TemporaryDirectory(prefix="mmaudio-mux-") as folder:
-                        muxed = Path(folder) / "out.mp4"
-                        mux_video(media, audio, result.sample_rate, muxed, result.duration)
-                        sizes[f"{sample}.{fmt}"] = self.store.put_file(name, muxed, ttl)
-                else:
-                    buffer = io.BytesIO()
-                    write_audio(buffer, audio, result.sample_rate, fmt)
-                    data = buffer.getvalue()
-                    self.store.put_bytes(name, data, ttl)
-                    sizes[f"{sample}.{fmt}"] = len(data)
-        return {
-            "duration": result.duration,
-            "sample_rate": result.sample_rate,
-            "num_samples": result.audio.shape[0],
-            "formats": formats,
-            "sizes": sizes,
-            "ttl_seconds": ttl,
-        }
 
     def _record_metrics(self, variant: str, timings: dict[str, Any]) -> None:
         model = dict(timings["model"])

@@ -28,7 +28,7 @@ from redis import Redis
 
 from model import build
 from model.pipeline import GenerationRequest, Pipeline
-from service import workers
+from service import heartbeats
 from service.jobs import JobStore
 from service.settings import Settings, get_settings
 from service.storage import make_store
@@ -67,7 +67,7 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         self.info["jobs"] = self.executor.held_jobs() if self.executor else []
         self.info["ahead"] = self.prefetcher.ready_jobs() if self.prefetcher else []
-        workers.beat(self.redis, self.name_in_redis, self.info, self.settings.worker_ttl_seconds)
+        heartbeats.beat(self.redis, self.name_in_redis, self.info, self.settings.worker_ttl_seconds)
 
     def run(self) -> None:
         while not self._stop_event.wait(self.settings.worker_heartbeat_seconds):
@@ -172,4 +172,4 @@ def main() -> None:
         if prefetcher is not None:
             prefetcher.stop()
         heartbeat.stop()
-        workers.forget(redis, name)
+        heartbeats.forget(redis, name)

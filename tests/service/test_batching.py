@@ -38,15 +38,16 @@ from service_harness import (
 
 from model.build import tiny_pipeline
 from model.pipeline import PreparedRequest, ProgressCallback
-from service import keys, queue, workers
+from service import heartbeats, keys, queue
 from service.jobs import JobRecord, JobStore
-from service.schemas import JobStatus
+from service.schemas import EffectiveParams, InputInfo, JobStatus, ModelInfo, WeightsInfo
 from service.settings import Settings
 from service.storage import RedisStore, result_name
 from service.worker.claims import QueueClaims
 from service.worker.executor import JobExecutor
 
 VARIANT = "small_16k"
+MODEL = ModelInfo(variant=VARIANT, weights=WeightsInfo(kind="tiny", random_weights=True))
 BATCH_SETTINGS = {
     "MMAUDIO_WEIGHTS": "tiny",
     "MMAUDIO_VARIANT": VARIANT,
@@ -84,18 +85,26 @@ def queue_job(jobs: JobStore, duration: float, num_steps: int = 2, num_samples: 
         "variant": VARIANT,
         "output_format": "flac",
     }
-    record = JobRecord(str(uuid.uuid4()), "test", JobStatus.queued, time.time(), params, {"kind": "text"}, {})
+    record = JobRecord(
+        str(uuid.uuid4()),
+        "test",
+        JobStatus.queued,
+        time.time(),
+        EffectiveParams(**params),
+        InputInfo(kind="text"),
+        MODEL,
+    )
     jobs.create(record)
     return record.id
 
 
 def worker_claims(jobs: JobStore, name: str) -> QueueClaims:
-    workers.beat(jobs.redis, name, {"name": name}, ttl_seconds=60)
+    heartbeats.beat(jobs.redis, name, {"name": name}, ttl_seconds=60)
     return QueueClaims(jobs.redis, VARIANT, name, reservation_seconds=60)
 
 
 def claimed_ids(claims: QueueClaims, limit: int = 8) -> list[str]:
-    return [record.id for record in claims.claim(limit, {"variant": VARIANT})]
+    return [record.id for record in claims.claim(limit, MODEL)]
 
 
 def test_a_claim_takes_the_oldest_job_and_the_next_ones_of_its_group(job_store: JobStore) -> None:
@@ -158,7 +167,7 @@ def test_reservations_steer_busy_workers_and_never_hold_back_an_idle_one(job_sto
     assert claimed_ids(idle, limit=2) == [ids[0], ids[1]]  # an idle worker takes the oldest, reserved or not
     assert first.reserve(8) == [entry[ids[3]]]  # the first worker's reservation moved on
 
-    workers.forget(job_store.redis, "w1")  # dead: its reservation counts for nothing
+    heartbeats.forget(job_store.redis, "w1")  # dead: its reservation counts for nothing
     assert second.reserve(8) == [entry[ids[3]]]
     second.release()
     assert not job_store.redis.exists(queue.RESERVATION_PREFIX + ids[3])
@@ -191,7 +200,7 @@ def test_a_failed_shared_pass_runs_each_job_alone(job_store: JobStore, monkeypat
     rain, thunder, wind = (job_store.get(job_id) for job_id in ids)
     assert rain.status is wind.status is JobStatus.succeeded and rain.timings["batch_size"] == 1
     assert thunder.status is JobStatus.failed and "fails on its own" in thunder.error["detail"]
-    assert job_store.store.size(result_name(wind.id, 0, "flac")) == wind.result["sizes"]["0.flac"] > 0
+    assert job_store.store.size(result_name(wind.id, 0, "flac")) == wind.result.sizes["0.flac"] > 0
     assert not executor.held_jobs() and not job_store.running_ids()
 
 

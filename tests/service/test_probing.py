@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from service_harness import Media, wait_until
 
-from service.inspection import inspect_upload
-from service.probing import PROCESS_NAME, ProbePool
+from service.api.inspection import inspect_upload
+from service.api.probing import PROCESS_NAME, ProbePool
 from service.problems import ProblemError
 from service.settings import Settings
 

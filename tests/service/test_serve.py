@@ -1,4 +1,5 @@
-"""`python -m service`: one command starts redis-server, a worker and the API, and stops them all."""
+"""`python -m service`: one command starts redis-server, a worker and the API, and stops them all (Redis last, without
+a traceback) on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def test_one_command_serves_and_stops(tmp_path: Path) -> None:
         "MMAUDIO_DATA_DIR": str(tmp_path / "data"),
     }
     log = (tmp_path / "serve.log").open("wb")
-    serve = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0
+    )
     url = f"http://127.0.0.1:{port}"
     started: list[int] = []
     try:
@@ -50,6 +53,8 @@ def test_one_command_serves_and_stops(tmp_path: Path) -> None:
         started = child_pids(serve.pid)
         assert len(started) == 3  # redis-server, a worker, uvicorn
     finally:
-        serve.send_signal(signal.SIGTERM)
+        os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
         assert serve.wait(60) == 0
     assert all(not Path(f"/proc/{pid}").exists() for pid in started)
+    output = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in output, output

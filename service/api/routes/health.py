@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from service import workers
+from service import heartbeats
 from service.api.state import app_state
 from service.problems import ProblemError
 
@@ -24,7 +24,7 @@ def readyz(request: Request) -> JSONResponse:
     state = app_state(request)
     try:
         state.redis.ping()
-        live = workers.live_workers(state.redis)
+        live = heartbeats.live_workers(state.redis)
     except RedisError as err:
         raise ProblemError("service-unavailable", f"Redis is unreachable: {err}") from err
     ready = [info for info in live if info["ready"]]

@@ -15,18 +15,16 @@ from starlette.concurrency import run_in_threadpool
 from service.api.events import last_event_id, sse_stream, wait_until_finished
 from service.api.ranges import byte_range, content_disposition
 from service.api.state import app_state, base_url, current_owner, owned_job
+from service.api.uploads import read_submit_body
 from service.problems import MEDIA_TYPE as PROBLEM_MEDIA_TYPE
 from service.problems import ProblemError
+from service.results import MEDIA_TYPES
 from service.schemas import Job, JobPage, JobParams, JobStatus, ProblemDetails, ResultFormat
-from service.storage import result_name
-from service.transcode import convert_result
-from service.uploads import read_submit_body
-from service.views import available_formats, job_url, job_view
+from service.views import job_url, job_view
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 Owner = Annotated[str, Depends(current_owner)]
-CONTENT_TYPES = {"mp4": "video/mp4", "flac": "audio/flac", "wav": "audio/wav", "m4a": "audio/mp4"}
 DEFAULT_PAGE_SIZE = 20
 PROBLEM_RESPONSE = {"model": ProblemDetails, "content": {PROBLEM_MEDIA_TYPE: {}}}
 
@@ -199,7 +197,7 @@ def cancel_job(request: Request, job_id: str, owner: Owner) -> Response:
     summary="Download a result",
     response_class=Response,
     responses={
-        200: {"content": {media: {} for media in CONTENT_TYPES.values()}},
+        200: {"content": {media: {} for media in MEDIA_TYPES.values()}},
         206: {"description": "The requested byte range."},
         **{code: PROBLEM_RESPONSE for code in (404, 409, 416)},
     },
@@ -216,41 +214,22 @@ def job_result(
     flac, wav, m4a: the audio alone (wav and m4a are converted from the FLAC on their first download).
     Supports single byte ranges."""
     state = app_state(request)
-    record = owned_job(state, job_id, owner)
-    if record.status is not JobStatus.succeeded:
-        if record.status.terminal:
-            raise ProblemError("result-unavailable", f"The job {record.status.value}; it has no result.")
-        raise ProblemError("job-not-finished", f"The job is {record.status.value}.")
-    assert record.result is not None
-    fmt = format or record.params["output_format"]
-    formats = available_formats(record.result)
-    if fmt not in formats or sample >= record.result["num_samples"]:
-        raise ProblemError(
-            "result-unavailable",
-            f"Formats: {', '.join(formats)}; samples 0 to {record.result['num_samples'] - 1}.",
-        )
-    name = result_name(record.id, sample, fmt)
-    size = state.store.size(name)
-    if size is None and fmt not in record.result["formats"]:
-        size = convert_result(state.store, record, sample, fmt)
-    if size is None:
-        raise ProblemError("result-unavailable", "The result has expired.")
-    stem = Path(record.input.get("filename") or f"mmaudio-{record.id[:8]}").stem
+    result = state.results.open(owned_job(state, job_id, owner), format, sample)
     headers = {
         "Accept-Ranges": "bytes",
-        "Content-Disposition": content_disposition(f"{stem}-{sample}.{fmt}"),
-        "ETag": f'"{record.id}-{sample}-{fmt}-{size}"',
+        "Content-Disposition": content_disposition(result.filename),
+        "ETag": f'"{job_id}-{sample}-{result.format}-{result.size}"',
         "Cache-Control": "private, max-age=3600",
     }
-    span = byte_range(range_header, size)
-    first, last = span or (0, size - 1)
+    span = byte_range(range_header, result.size)
+    first, last = span or (0, result.size - 1)
     headers["Content-Length"] = str(last - first + 1)
     status = 200
     if span is not None:
         status = 206
-        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        headers["Content-Range"] = f"bytes {first}-{last}/{result.size}"
     if request.method == "HEAD":
-        return Response(status_code=status, headers=headers, media_type=CONTENT_TYPES[fmt])
+        return Response(status_code=status, headers=headers, media_type=result.media_type)
     return StreamingResponse(
-        state.store.read(name, first, last), status_code=status, headers=headers, media_type=CONTENT_TYPES[fmt]
+        result.read(first, last), status_code=status, headers=headers, media_type=result.media_type
     )

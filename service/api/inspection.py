@@ -1,7 +1,7 @@
 """Checking an upload before it is queued: is it a usable video or image within the deployment's limits?
 
-A file that fails here is answered with a 4xx and never reaches a worker. The same error mapping turns a
-MediaError raised later in a worker (while decoding all frames) into the failed job's typed error.
+A file that fails here is answered with a 4xx and never reaches a worker (service.media_problems maps each
+MediaError to its problem, here and in the worker).
 """
 
 from __future__ import annotations
@@ -10,28 +10,10 @@ from pathlib import Path
 
 from model import media_errors, probe
 from model.sequence import MIN_DURATION
+from service.media_problems import media_problem
 from service.problems import ProblemError
 from service.schemas import InputKind, MediaSummary
 from service.settings import Settings
-
-MEDIA_PROBLEMS: tuple[tuple[type[media_errors.MediaError], str], ...] = (
-    (media_errors.EmptyMediaError, "empty-upload"),
-    (media_errors.UnreadableMediaError, "unreadable-media"),
-    (media_errors.NoVideoStreamError, "no-video-stream"),
-    (media_errors.UnsupportedCodecError, "unsupported-codec"),
-    (media_errors.TruncatedMediaError, "truncated-media"),
-    (media_errors.CorruptMediaError, "corrupt-media"),
-    (media_errors.VideoTooShortError, "video-too-short"),
-    (media_errors.MediaTooLargeError, "media-limits"),
-)
-
-
-def media_problem(error: media_errors.MediaError) -> str:
-    """The problem slug of a MediaError."""
-    for error_type, slug in MEDIA_PROBLEMS:
-        if isinstance(error, error_type):
-            return slug
-    return "corrupt-media"
 
 
 def inspect_upload(path: Path, kind: InputKind, settings: Settings) -> MediaSummary:

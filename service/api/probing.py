@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
-from service.inspection import inspect_upload
+from service.api.inspection import inspect_upload
 from service.problems import ProblemError
 from service.schemas import InputKind, MediaSummary
 from service.settings import Settings
@@ -26,20 +26,52 @@ CONTEXT = multiprocessing.get_context("forkserver")
 PROCESS_NAME = "mmaudio-probe"
 
 
+# The messages over a child's pipe (pickled): one ProbeRequest in, one reply out.
+@dataclass(frozen=True)
+class ProbeRequest:
+    path: Path
+    kind: InputKind
+
+
+@dataclass(frozen=True)
+class ProbeSummary:
+    """The upload is usable."""
+
+    summary: MediaSummary
+
+
+@dataclass(frozen=True)
+class ProbeProblem:
+    """The upload is unusable: the problem the API answers with."""
+
+    slug: str
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class ProbeFailure:
+    """Probing itself failed (a bug, not the file's fault)."""
+
+    error: str
+
+
+ProbeReply = ProbeSummary | ProbeProblem | ProbeFailure
+
+
 def serve_probes(connection: Connection, settings: Settings) -> None:
-    """A child's loop: (path, kind) in; ("ok", summary) or ("problem", slug, detail) out; until the pipe closes."""
+    """A child's loop: a ProbeRequest in, a ProbeReply out; until the pipe closes."""
     while True:
         try:
-            path, kind = connection.recv()
+            request: ProbeRequest = connection.recv()
         except EOFError:
             return
-        reply: tuple[Any, ...]
+        reply: ProbeReply
         try:
-            reply = ("ok", inspect_upload(Path(path), kind, settings).model_dump(mode="json"))
+            reply = ProbeSummary(inspect_upload(request.path, request.kind, settings))
         except ProblemError as err:
-            reply = ("problem", err.problem.slug, err.detail)
-        except Exception as err:  # a bug, not the file's fault: the API answers 500, as it would in-process
-            reply = ("error", f"{type(err).__name__}: {err}")
+            reply = ProbeProblem(err.problem.slug, err.detail)
+        except Exception as err:  # the API answers 500, as it would in-process
+            reply = ProbeFailure(f"{type(err).__name__}: {err}")
         connection.send(reply)
 
 
@@ -52,9 +84,9 @@ class Prober:
         self.process.start()
         child_end.close()
 
-    def probe(self, path: Path, kind: InputKind, timeout: float) -> tuple[Any, ...]:
+    def probe(self, path: Path, kind: InputKind, timeout: float) -> ProbeReply:
         """The child's reply; TimeoutError when it takes longer than ``timeout``, EOFError when it died."""
-        self.connection.send((str(path), kind))
+        self.connection.send(ProbeRequest(path, kind))
         if not self.connection.poll(timeout):
             raise TimeoutError
         return self.connection.recv()
@@ -98,12 +130,11 @@ class ProbePool:
                 raise ProblemError("unreadable-media", "the media decoder crashed on this file") from None
             with self._lock:
                 self._idle.append(prober)
-        status, *details = reply
-        if status == "ok":
-            return MediaSummary.model_validate(details[0])
-        if status == "problem":
-            raise ProblemError(details[0], details[1])
-        raise RuntimeError(f"probing failed: {details[0]}")
+        if isinstance(reply, ProbeSummary):
+            return reply.summary
+        if isinstance(reply, ProbeProblem):
+            raise ProblemError(reply.slug, reply.detail)
+        raise RuntimeError(f"probing failed: {reply.error}")
 
     def _take(self) -> Prober:
         """An idle child still alive (one killed from outside is replaced), or a new one."""

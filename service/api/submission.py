@@ -13,15 +13,24 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 from redis import Redis
 
-from service import keys, queue, workers
+from service import heartbeats, keys, queue
+from service.api.probing import ProbePool
+from service.api.uploads import SubmitBody
 from service.jobs import JobRecord, JobStore
-from service.probing import ProbePool
 from service.problems import ProblemError
-from service.schemas import EffectiveParams, InputInfo, JobParams, JobStatus
+from service.schemas import (
+    EffectiveParams,
+    InputInfo,
+    JobParams,
+    JobStatus,
+    ModelInfo,
+    Progress,
+    WebhookState,
+    WeightsInfo,
+)
 from service.settings import Settings
 from service.storage import BlobStore, upload_name
-from service.uploads import SubmitBody
-from service.webhooks import check_url
+from service.upkeep.webhooks import check_url
 
 RANDOM_SEED_BOUND = 2**31  # drawn seeds stay easy to read and to type back in
 DEFAULT_JOB_SECONDS = 10.0  # run time assumed for Retry-After before any job has finished
@@ -48,7 +57,7 @@ def estimate_wait_seconds(redis: Redis, settings: Settings, variant: str) -> int
     """Rough time until the queue of ``variant`` drains: depth x mean job time / live workers."""
     mean = redis.hget(keys.JOB_SECONDS, variant)
     per_job = float(mean) if mean else DEFAULT_JOB_SECONDS
-    serving = sum(1 for info in workers.live_workers(redis) if info["variant"] == variant and info["ready"])
+    serving = sum(1 for info in heartbeats.live_workers(redis) if info["variant"] == variant and info["ready"])
     return max(1, math.ceil(queue.depth(redis, variant) * per_job / max(serving, 1)))
 
 
@@ -145,11 +154,6 @@ class Submitter:
             self.redis.delete(idem_key)
         raise ProblemError("idempotency-in-progress", "Retry in a moment.", {"Retry-After": "1"})
 
-    def _expected_weights(self) -> dict:
-        """The weights the deployment is configured with; the worker replaces this with what it loaded."""
-        kind = self.settings.weights
-        return {"kind": kind, "random_weights": kind == "tiny", "id": None}
-
     def _create(
         self,
         job_id: str,
@@ -176,21 +180,17 @@ class Submitter:
             owner=owner,
             status=JobStatus.queued,
             created_at=time.time(),
-            params=effective.model_dump(mode="json"),
-            input=input_info.model_dump(mode="json"),
-            model={
-                "variant": variant,
-                "weights": {
-                    "kind": self.settings.weights,
-                    "random_weights": self.settings.weights == "tiny",
-                    "id": None,
-                },
-            },
+            params=effective,
+            input=input_info,
+            model=ModelInfo(
+                variant=variant,
+                weights=WeightsInfo(kind=self.settings.weights, random_weights=self.settings.weights == "tiny"),
+            ),
             upload=upload,
-            progress={"stage": "queued", "fraction": 0.0},
+            progress=Progress(stage="queued", fraction=0.0),
             webhook=None
             if params.webhook_url is None
-            else {"url": params.webhook_url, "status": "pending", "attempts": 0, "base_url": base_url},
+            else WebhookState(url=params.webhook_url, status="pending", base_url=base_url),
         )
         try:
             self.jobs.create(record)

@@ -113,18 +113,18 @@ class WebhookSender:
         if record is None or record.webhook is None or not record.status.terminal:
             self.redis.zrem(keys.WEBHOOKS_DUE, job_id)
             return
-        webhook = dict(record.webhook)
-        error = self._post(webhook["url"], job_id, record.status, views.job_view(record, webhook["base_url"], None))
-        webhook["attempts"] = webhook.get("attempts", 0) + 1
-        webhook["last_error"] = error
+        webhook = record.webhook.model_copy()
+        error = self._post(webhook.url, job_id, record.status, views.job_view(record, webhook.base_url, None))
+        webhook.attempts += 1
+        webhook.last_error = error
         if error is None:
-            webhook["status"] = "delivered"
-        elif webhook["attempts"] >= self.settings.webhook_max_attempts:
-            webhook["status"] = "failed"
+            webhook.status = "delivered"
+        elif webhook.attempts >= self.settings.webhook_max_attempts:
+            webhook.status = "failed"
         else:
-            delay = self.settings.webhook_backoff_seconds * 2 ** (webhook["attempts"] - 1)
+            delay = self.settings.webhook_backoff_seconds * 2 ** (webhook.attempts - 1)
             schedule_webhook(self.redis, job_id, time.time() + delay)
-        if webhook["status"] != "pending":
+        if webhook.status != "pending":
             self.redis.zrem(keys.WEBHOOKS_DUE, job_id)
         terminal = tuple(status for status in JobStatus if status.terminal)
         self.jobs.update(job_id, terminal, event="webhook", webhook=webhook)

@@ -11,12 +11,12 @@ import threading
 
 from redis import Redis
 
-from service import keys, queue, workers
+from service import heartbeats, keys, queue
 from service.jobs import JobStore
 from service.problems import problem_body
 from service.schemas import JobStatus
 from service.storage import BlobStore
-from service.webhooks import WebhookSender
+from service.upkeep.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Maintenance:
             if record is None or record.status is not JobStatus.running:
                 self.redis.srem(keys.RUNNING_JOBS, job_id)
                 continue
-            if record.worker and workers.is_alive(self.redis, record.worker):
+            if record.worker and heartbeats.is_alive(self.redis, record.worker):
                 continue
             handled.append(job_id)
             guard = {"by_worker": record.worker, "at_attempt": record.attempts}

@@ -1,0 +1,1 @@
+"""Periodic upkeep that every API process runs in a background thread: abandoned jobs, webhooks, expired files."""
