@@ -129,7 +129,7 @@ def revision(redis: Redis, job_id: str) -> int:
 
 def test_rq_task_leaves_alone_entries_not_its_to_run(rq_stack: Stack, client: httpx.Client, redis: Redis) -> None:
     claimed = client.post("/v1/jobs", json=QUICK).json()
-    model = claimed["model"]  # what a claim records: the job's model as the API announced it will do here
+    model = claimed["model"]  # a claim records the worker's loaded model; the one the API announced will do
     workers.beat(redis, BATCHING_WORKER, {"name": BATCHING_WORKER, "variant": VARIANT, "ready": False}, 600)
     try:
         assert [job.id for job in QueueClaims(redis, VARIANT, BATCHING_WORKER, 1).claim(1, model)] == [claimed["id"]]
