@@ -3,10 +3,12 @@
 The RQ job id is ``<job id>_<attempt>``, so a job queued again after its worker died never collides with
 the remains of its first attempt in RQ's registries.
 
-Jobs are queued in RQ's format (so RQ's tools show the queues), but workers do not dequeue them one at a
+Jobs are queued in RQ's format (so RQ's tools show the queues). Our workers do not dequeue them one at a
 time as RQ's worker would: they claim whole batches with one script (service.worker.claims), which takes
 the entries off the list and deletes their RQ job hashes. A worker may also reserve the batch it will
-claim next, to decode its inputs ahead; reserved jobs stay queued.
+claim next, to decode its inputs ahead; reserved jobs stay queued. A stock `rq worker` (SimpleWorker, JSON
+serializer) may serve a queue as well: it runs each entry's TASK, one job at a time, through RQ's registries
+(service.worker.rq_task).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from rq.serializers import JSONSerializer
 
 from service import keys
 
-# What RQ's job hash names as the task; our workers claim jobs themselves and never import it.
-TASK = "service.worker.run_job"
+# The task RQ's job hash names: what a stock RQ worker runs (our batching workers claim jobs themselves).
+TASK = "service.worker.rq_task.run_job"
 
 
 def rq_queue(redis: Redis, variant: str) -> Queue:

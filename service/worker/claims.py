@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 from redis import Redis
 
@@ -127,6 +128,16 @@ return entries
 )
 
 
+def running_fields(worker_name: str, model: ModelInfo) -> dict[str, Any]:
+    """What taking a job records on it (besides its attempt): who runs it, since when, with which model."""
+    return {
+        "worker": worker_name,
+        "started_at": time.time(),
+        "model": model,
+        "progress": {"stage": "starting", "fraction": 0.0},
+    }
+
+
 class QueueClaims:
     """One worker's view of its variant's queue: claim a batch, reserve the next one, wait for work."""
 
@@ -141,12 +152,7 @@ class QueueClaims:
     def claim(self, limit: int, model: ModelInfo) -> list[JobRecord]:
         """Take the next batch (at most ``limit`` samples): each job becomes ``running`` under this worker, its
         attempt counted, its start time and the loaded ``model`` recorded."""
-        fields = {
-            "worker": self.worker_name,
-            "started_at": time.time(),
-            "model": model,
-            "progress": {"stage": "starting", "fraction": 0.0},
-        }
+        fields = running_fields(self.worker_name, model)
         pairs = [item for pair in encode_fields(fields).items() for item in pair]
         entries = self._claim(
             keys=[keys.RUNNING_JOBS, keys.STATUS_COUNTS, self.queue_key],
