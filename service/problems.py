@@ -59,6 +59,7 @@ PROBLEMS = _catalogue(
     ProblemType("worker-lost", 500, "The worker running the job stopped unexpectedly"),
     ProblemType("timeout", 504, "The job ran longer than the service allows"),
     ProblemType("generation-failed", 500, "The model failed to generate audio"),
+    ProblemType("unreadable-job", 500, "The job's stored record cannot be read"),
 )
 
 

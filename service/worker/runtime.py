@@ -157,7 +157,7 @@ def main() -> None:
         store = make_store(settings, redis)
         jobs = JobStore(redis, settings, store)
         executor = JobExecutor(redis, jobs, store, pipeline, name)
-        claims = QueueClaims(redis, settings.variant, name, settings.worker_ttl_seconds)
+        claims = QueueClaims(jobs, settings.variant, name, settings.worker_ttl_seconds)
         prefetcher = Prefetcher(claims, executor, jobs, settings.max_batch)
         prefetcher.start()
         loop = WorkerLoop(claims, executor, prefetcher, settings.max_batch)

@@ -1,0 +1,75 @@
+"""One request's data can never stop other work: bad text is refused at the boundary, and a stored record that
+a worker cannot read fails alone while the same worker process goes on with the next job."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from redis import Redis
+from service_harness import QUICK, WAIT, Stack, wait_for_status
+from test_errors import assert_problem, queued_total
+
+from service import keys, queue
+
+
+def stack_redis(stack: Stack) -> Redis:
+    return Redis.from_url(stack.env["MMAUDIO_REDIS_URL"])
+
+
+def test_lone_surrogates_are_refused_before_anything_is_stored(stack: Stack, alice: httpx.Client) -> None:
+    before = queued_total(stack)
+    for body in (
+        b'{"prompt": "x\\ud800y"}',
+        b'{"negative_prompt": "\\udfff"}',
+        b'{"prompt": "ok", "\\ud83d": 1}',  # in a key too
+    ):
+        problem = assert_problem(
+            alice.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"}), 422, "validation-error"
+        )
+        assert "surrogate" in problem["detail"]
+    # a well-formed pair is one scalar value and is fine
+    paired = alice.post(
+        "/v1/jobs",
+        content=b'{"prompt": "\\ud83d\\udc36 barking", "duration": 1.0, "num_steps": 1}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert paired.status_code == 202, paired.text
+    assert paired.json()["params"]["prompt"] == "\N{DOG FACE} barking"
+    assert queued_total(stack) == before + 1
+    assert alice.get("/v1/jobs").status_code == 200
+
+
+def test_deep_nesting_and_odd_cursors_are_4xx(alice: httpx.Client) -> None:
+    deep = b'{"prompt": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    problem = assert_problem(
+        alice.post("/v1/jobs", content=deep, headers={"Content-Type": "application/json"}), 422, "validation-error"
+    )
+    assert "nested" in problem["detail"]
+    for cursor in ("nan", "inf", "-inf", "soon"):
+        assert_problem(alice.get("/v1/jobs", params={"before": cursor}), 422, "validation-error")
+
+
+def test_unreadable_record_fails_alone_and_the_worker_goes_on(stack: Stack, alice: httpx.Client) -> None:
+    redis = stack_redis(stack)
+    worker = stack.workers[0]
+    # A job of the variant no worker serves stays queued; corrupt its stored parameters in ways no claim
+    # script can read, then move its queue entry to the served variant's queue.
+    poisoned = []
+    for params in ('{"prompt": "x\\ud800y", "duration": 1.0}', "{cut", '{"duration": "long", "num_steps": 1}'):
+        job = alice.post("/v1/jobs", json={**QUICK, "variant": "small_16k"}).json()
+        redis.hset(keys.job(job["id"]), "params", params)
+        entry = redis.lpop(queue.list_key("small_16k"))
+        assert entry.decode().startswith(job["id"])
+        redis.rpush(queue.list_key("large_44k_v2"), entry)
+        poisoned.append(job["id"])
+    good = alice.post("/v1/jobs", json=QUICK, headers=WAIT).json()
+    assert wait_for_status(alice, good["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    for job_id in poisoned:
+        record = redis.hgetall(keys.job(job_id))
+        assert record[b"status"] == b"failed", record
+        assert json.loads(record[b"error"])["type"] == "urn:mmaudio:problem:unreadable-job"
+        assert redis.ttl(keys.job(job_id)) > 0
+    assert redis.llen(queue.list_key("large_44k_v2")) == 0
+    assert worker.popen.poll() is None, worker.tail()  # the same process, never restarted
+    assert stack.ready_workers() >= 1
