@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     )
     redis_port: int = Field(6379, description="Port of the redis-server that `serve` starts when `redis_url` is empty.")
     data_dir: Path = Field(Path("data"), description="Where `serve` keeps its redis-server's files.")
+    unavailable_retry_seconds: int = Field(
+        5, gt=0, description="`Retry-After` of the 503 that the API answers while Redis is unreachable."
+    )
     host: str = Field("0.0.0.0", description="Address the API listens on.")
     port: int = Field(8000, description="Port the API listens on.")
     workers: int = Field(1, ge=0, description="Worker processes `serve` starts next to the API.")

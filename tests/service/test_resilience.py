@@ -1,13 +1,25 @@
-"""One request's data can never stop other work: bad text is refused at the boundary, and a stored record that
-a worker cannot read fails alone while the same worker process goes on with the next job."""
+"""One request's data or a dead dependency can never stop other work: bad text is refused at the boundary, a
+stored record that a worker cannot read fails alone while the same worker goes on, and while Redis is
+unreachable every route that needs it answers 503 with Retry-After."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 from redis import Redis
-from service_harness import QUICK, WAIT, Stack, wait_for_status
+from service_harness import (
+    CLIENT_TIMEOUT,
+    MAIN_SETTINGS,
+    QUICK,
+    WAIT,
+    Media,
+    Stack,
+    free_port,
+    make_stack,
+    wait_for_status,
+)
 from test_errors import assert_problem, queued_total
 
 from service import keys, queue
@@ -73,3 +85,27 @@ def test_unreadable_record_fails_alone_and_the_worker_goes_on(stack: Stack, alic
     assert redis.llen(queue.list_key("large_44k_v2")) == 0
     assert worker.popen.poll() is None, worker.tail()  # the same process, never restarted
     assert stack.ready_workers() >= 1
+
+
+def test_redis_down_answers_503_with_retry_after(tmp_path: Path, media: Media) -> None:
+    nothing_there = f"redis://127.0.0.1:{free_port()}"  # no redis-server listens: every connection is refused
+    settings = {**MAIN_SETTINGS, "MMAUDIO_API_KEYS": "", "MMAUDIO_UNAVAILABLE_RETRY_SECONDS": "7"}
+    with make_stack(nothing_there, tmp_path, "no-redis", 0, settings).running() as stack, httpx.Client(
+        base_url=stack.url, timeout=CLIENT_TIMEOUT
+    ) as client:
+        with media.video.open("rb") as video:
+            uploaded = client.post("/v1/jobs", files={"video": ("clip.mp4", video)}, data={"prompt": "x"})
+        answers = [
+            client.post("/v1/jobs", json=QUICK),
+            uploaded,
+            client.get("/v1/jobs"),
+            client.get("/v1/jobs/some-id"),
+            client.post("/v1/jobs/some-id/cancel"),
+            client.get("/v1/jobs/some-id/result"),
+            client.get("/metrics"),
+            client.get("/readyz"),
+        ]
+        for response in answers:
+            assert_problem(response, 503, "service-unavailable")
+        assert {response.headers.get("retry-after") for response in answers[:-1]} == {"7"}
+        assert client.get("/healthz").status_code == 200  # the process itself is fine
