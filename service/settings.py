@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     )
     redis_port: int = Field(6379, description="Port of the redis-server that `serve` starts when `redis_url` is empty.")
     data_dir: Path = Field(Path("data"), description="Where `serve` keeps its redis-server's files.")
+    redis_reconnect_max_seconds: float = Field(
+        10.0, gt=0, description="Longest pause of a worker between tries to reach an unreachable Redis."
+    )
     unavailable_retry_seconds: int = Field(
         5, gt=0, description="`Retry-After` of the 503 that the API answers while Redis is unreachable."
     )

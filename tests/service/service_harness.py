@@ -60,6 +60,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(port: int, folder: Path) -> subprocess.Popen:
+    """A real redis-server on ``port`` (no persistence), once it answers."""
+    command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""]
+    process = subprocess.Popen([*command, "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    wait_until(lambda: redis_ping(port), 20, "redis-server")
+    return process
+
+
 def child_pids(pid: int) -> list[int]:
     """Direct children of every thread of process ``pid``."""
     tasks = Path(f"/proc/{pid}/task").iterdir()

@@ -5,6 +5,7 @@ unreachable every route that needs it answers 503 with Retry-After."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +19,7 @@ from service_harness import (
     Stack,
     free_port,
     make_stack,
+    start_redis,
     wait_for_status,
 )
 from test_errors import assert_problem, queued_total
@@ -109,3 +111,29 @@ def test_redis_down_answers_503_with_retry_after(tmp_path: Path, media: Media) -
             assert_problem(response, 503, "service-unavailable")
         assert {response.headers.get("retry-after") for response in answers[:-1]} == {"7"}
         assert client.get("/healthz").status_code == 200  # the process itself is fine
+
+
+def test_worker_waits_out_a_redis_outage(tmp_path: Path) -> None:
+    port = free_port()
+    redis_process = start_redis(port, tmp_path)
+    settings = {**MAIN_SETTINGS, "MMAUDIO_API_KEYS": "", "MMAUDIO_REDIS_RECONNECT_MAX_SECONDS": "0.5"}
+    try:
+        with make_stack(f"redis://127.0.0.1:{port}", tmp_path, "outage", 0, settings).running(1) as stack, (
+            httpx.Client(base_url=stack.url, timeout=CLIENT_TIMEOUT)
+        ) as client:
+            worker = stack.workers[0]
+            redis_process.kill()
+            redis_process.wait(10)
+            time.sleep(3)  # several failed claims and heartbeats
+            assert worker.popen.poll() is None, worker.tail()
+            assert_problem(client.post("/v1/jobs", json=QUICK), 503, "service-unavailable")
+            down = time.monotonic()
+            redis_process = start_redis(port, tmp_path)  # a new, empty Redis on the same address
+            stack.wait_for_workers(1)
+            print(f"worker ready again {time.monotonic() - down:.2f} s after Redis came back")
+            job = client.post("/v1/jobs", json=QUICK, headers=WAIT).json()
+            assert wait_for_status(client, job["id"], {"succeeded", "failed"})["status"] == "succeeded"
+            assert worker.popen.poll() is None and "Redis reachable again" in worker.tail(200)
+    finally:
+        redis_process.kill()
+        redis_process.wait(10)
