@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     max_num_steps: int = Field(100, gt=0, description="Most sampling steps a job may ask for.")
     max_num_samples: int = Field(4, gt=0, description="Most samples one job may ask for.")
     max_queue: int = Field(100, gt=0, description="Queued jobs per variant beyond which submits get 429.")
+    drain_window_seconds: float = Field(
+        300.0, gt=0, description="Recent past over which the drain rate behind a 429's Retry-After is measured."
+    )
     max_wait_seconds: float = Field(60.0, ge=0, description="Cap on `Prefer: wait=N`.")
     max_page_size: int = Field(100, gt=0, description="Cap on `limit` of a job listing (`GET /v1/jobs`).")
     probe_processes: int = Field(

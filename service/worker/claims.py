@@ -144,6 +144,7 @@ class QueueClaims:
     def __init__(self, jobs: JobStore, variant: str, worker_name: str, reservation_seconds: float) -> None:
         self.jobs = jobs
         self.redis = redis = jobs.redis
+        self.claims_key = keys.claims(variant)
         self.worker_name = worker_name
         self.queue_key = queue.list_key(variant)
         self.reservation_seconds = max(1, math.ceil(reservation_seconds))  # renewed at every reserve
@@ -175,10 +176,14 @@ class QueueClaims:
             ],
         )
         owned = [queue.parse_rq_job_id(entry.decode()) for entry in batch]
+        now = time.time()
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id, _ in owned:
                 pipe.hgetall(keys.job(job_id))
-            raws = pipe.execute()
+            if owned:  # the recent claims are the queue's measured drain rate (Retry-After of a full queue)
+                pipe.zadd(self.claims_key, {job_id: now for job_id, _ in owned})
+                pipe.zremrangebyscore(self.claims_key, "-inf", now - self.jobs.settings.drain_window_seconds)
+            raws = pipe.execute()[: len(owned)]
         records: list[JobRecord] = []
         broken = [queue.parse_rq_job_id(entry.decode()) for entry in unreadable]
         for (job_id, attempt), raw in zip(owned, raws, strict=True):

@@ -25,6 +25,8 @@ from service_harness import (
 from test_errors import assert_problem, queued_total
 
 from service import keys, queue
+from service.settings import Settings
+from service.submission import estimate_wait_seconds
 
 
 def stack_redis(stack: Stack) -> Redis:
@@ -137,3 +139,19 @@ def test_worker_waits_out_a_redis_outage(tmp_path: Path) -> None:
     finally:
         redis_process.kill()
         redis_process.wait(10)
+
+
+def test_retry_after_follows_the_measured_drain_rate(redis_server: str) -> None:
+    redis = Redis.from_url(f"{redis_server}/6")
+    redis.flushdb()
+    settings = Settings(_env_file=None, max_queue=4, drain_window_seconds=60)
+    variant = "small_16k"
+    for index in range(6):  # two over the limit
+        queue.enqueue(redis, variant, f"job{index}", 1, 60)
+    fallback = estimate_wait_seconds(redis, settings, variant)  # nothing measured: depth x assumed job time
+    now = time.time()
+    # 20 claims over the last 10 s: 2 jobs/s; 3 jobs must leave before there is room -> 1.5 s -> 2
+    redis.zadd(keys.claims(variant), {f"old{i}": now - 10 + i * 0.5 for i in range(20)})
+    redis.zadd(keys.claims(variant), {"long-ago": now - 3600})  # outside the window: not counted
+    assert estimate_wait_seconds(redis, settings, variant) == 2 < fallback
+    redis.flushdb()
