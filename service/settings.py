@@ -107,6 +107,15 @@ class Settings(BaseSettings):
     )
     max_wait_seconds: float = Field(60.0, ge=0, description="Cap on `Prefer: wait=N`.")
     max_page_size: int = Field(100, gt=0, description="Cap on `limit` of a job listing (`GET /v1/jobs`).")
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="Time a client has to send a request's line and headers (else 408, closed)."
+    )
+    body_idle_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest pause within a request body before the connection is closed (408)."
+    )
+    upload_timeout_seconds: float = Field(
+        900.0, gt=0, description="Time a client has to send a whole request body, however it trickles (408)."
+    )
     probe_processes: int = Field(
         2, ge=1, description="Child processes of the API that probe uploads (a crash or hang on a file costs one)."
     )

@@ -1,4 +1,4 @@
-"""The FastAPI application: `uvicorn service.api.main:app`."""
+"""The FastAPI application; `python -m service.api` serves it."""
 
 from __future__ import annotations
 

@@ -138,7 +138,7 @@ class Stack:
         return Process(name, popen, log)
 
     def start_api(self) -> None:
-        command = [sys.executable, "-m", "uvicorn", "service.api.main:app", "--port", str(self.port)]
+        command = [sys.executable, "-m", "service.api", "--host", "127.0.0.1", "--port", str(self.port)]
         self.api = self._spawn("api", [*command, "--log-level", "warning"])
         wait_until(self._api_answers, START_TIMEOUT, f"{self.name} API")
 

@@ -5,6 +5,7 @@ unreachable every route that needs it answers 503 with Retry-After."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -155,3 +156,58 @@ def test_retry_after_follows_the_measured_drain_rate(redis_server: str) -> None:
     redis.zadd(keys.claims(variant), {"long-ago": now - 3600})  # outside the window: not counted
     assert estimate_wait_seconds(redis, settings, variant) == 2 < fallback
     redis.flushdb()
+
+
+def exchange(port: int, chunks: list[bytes], pause: float = 0.0, timeout: float = 20.0) -> tuple[bytes, float]:
+    """Send ``chunks`` over a raw socket with ``pause`` between them; what came back and when the server closed."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            for index, chunk in enumerate(chunks):
+                time.sleep(pause if index else 0.0)
+                sock.sendall(chunk)
+        except OSError:  # the server closed on us mid-way: read what it said
+            pass
+        answer = b""
+        while block := sock.recv(65536):
+            answer += block
+    return answer, time.monotonic() - started
+
+
+def problem_of(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/problem+json" in head.lower(), answer
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_slow_and_malformed_requests_get_problems(tmp_path: Path, redis_server: str) -> None:
+    settings = {
+        **MAIN_SETTINGS,
+        "MMAUDIO_API_KEYS": "",
+        "MMAUDIO_HEADER_TIMEOUT_SECONDS": "1.5",
+        "MMAUDIO_BODY_IDLE_TIMEOUT_SECONDS": "1.5",
+        "MMAUDIO_UPLOAD_TIMEOUT_SECONDS": "4",
+    }
+    with make_stack(redis_server, tmp_path, "slow", 5, settings).running() as stack:
+        port = stack.port
+        silent, waited = exchange(port, [])  # connects, sends nothing
+        assert problem_of(silent)[0] == 408 and waited < 5
+        trickled, waited = exchange(port, [bytes([c]) for c in b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"], 0.2)
+        status, problem = problem_of(trickled)
+        assert status == 408 and problem["type"] == "urn:mmaudio:problem:request-timeout" and waited < 5
+        head = b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        stalled, waited = exchange(port, [head, b'{"prompt": '], 3.0)
+        assert waited < 5 and problem_of(stalled)[0] == 408
+        dripping = [head.replace(b"100", b"40"), *(b" " for _ in range(40))]  # 1 byte a second: never idle 1.5 s
+        dripped, waited = exchange(port, dripping, 1.0)
+        assert 3.5 < waited < 8 and problem_of(dripped)[0] == 408
+        for malformed in (
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n",
+            b"NOT HTTP AT ALL\r\n\r\n",
+        ):
+            status, problem = problem_of(exchange(port, [malformed])[0])
+            assert status == 400 and problem["type"] == "urn:mmaudio:problem:malformed-request", malformed
+        ok = httpx.get(f"{stack.url}/healthz")  # and the server is fine
+        assert ok.status_code == 200
