@@ -26,9 +26,10 @@ import av
 import numpy as np
 import torch
 
+from model.frame_path import FramePath
 from model.media import mux_video
 from model.testkit import make_video, official_frames, sine
-from model.video import FramePath, load_video
+from model.video import load_video
 
 AUDIO_RATE = 44100
 NAIVE_BIT_RATE = 10_000_000

@@ -19,12 +19,12 @@ from torch import Tensor
 
 from model.clip import ClipConfig, ClipEncoder
 from model.flow import FLOW_CONFIGS, FlowConfig, FlowNetwork
+from model.frame_path import FramePath
 from model.pipeline import Pipeline
 from model.recipe import synth_module_state_dict
 from model.sequence import AUDIO_16K, AUDIO_44K, AudioFormat
 from model.synchformer import VISUAL_PREFIX, Synchformer, SynchformerConfig
 from model.vae import VAE_CONFIGS, VAEConfig, VAEDecoder
-from model.video import FramePath
 from model.vocoder import VOCODER_CONFIGS, BigVGAN, VocoderConfig
 from model.weights.manifest import VariantPaths, official_manifest, paths_for
 from model.weights.verification import verify

@@ -1,5 +1,5 @@
 """Why an uploaded file cannot be used: each kind of unusable upload has its own type, so the service can map
-them to 4xx answers (service.inspection) and a worker's failed job to a typed error."""
+them to 4xx answers (service.api.inspection) and a worker's failed job to a typed error."""
 
 from __future__ import annotations
 

@@ -26,12 +26,13 @@ from torch import Tensor
 
 from model.clip import ClipEncoder
 from model.flow import Conditions, FlowNetwork
+from model.frame_path import FramePath
 from model.graphs import GraphedEulerSampler
 from model.sampler import euler_sample
 from model.sequence import MIN_DURATION, SYNC_SEGMENT, SYNC_STEP, SYNC_TOKENS_PER_SEGMENT, SequenceLengths
 from model.synchformer import Synchformer
 from model.vae import VAEDecoder
-from model.video import FramePath, VideoInputs, clip_input, load_image, load_video, sync_input
+from model.video import VideoInputs, clip_input, load_image, load_video, sync_input
 from model.vocoder import BigVGAN
 
 if TYPE_CHECKING:  # model.build makes Pipelines, so it imports this module

@@ -24,18 +24,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.frame_path import FramePath
 from model.media_errors import CorruptMediaError, VideoTooShortError
 from model.probe import DEFAULT_LIMITS, ProbeLimits, display_rotation, open_image, open_video
 from model.sequence import CLIP_FPS, SYNC_FPS
-
-FramePath = Literal["exact", "fast"]
 
 
 @dataclass(frozen=True)

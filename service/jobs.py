@@ -24,6 +24,7 @@ from redis import Redis
 from redis.client import Pipeline
 
 from service import keys, queue
+from service.problems import problem_body
 from service.schemas import (
     EffectiveParams,
     InputInfo,
@@ -346,6 +347,28 @@ class JobStore:
             if record.webhook:
                 schedule_webhook(self.redis, record.id)
         return outcome
+
+    def fail_unreadable(self, job_id: str, attempt: int, by_worker: str) -> None:
+        """End a job that ``by_worker`` took at ``attempt`` but whose record does not parse: failed with a typed
+        error, its upload and webhook handled as far as the record can still be read."""
+        error = problem_body("unreadable-job", "The job's stored parameters cannot be read; submit it again.")
+        try:
+            record = JobRecord.from_hash(self.redis.hgetall(keys.job(job_id)))
+        except (KeyError, ValueError):
+            self.update(
+                job_id,
+                (JobStatus.running,),
+                JobStatus.failed,
+                by_worker=by_worker,
+                at_attempt=attempt,
+                expire_seconds=self.settings.result_ttl_seconds,
+                finished_at=time.time(),
+                progress=None,
+                error=error,
+            )
+            return
+        running = (JobStatus.running,)
+        self.finish(record, running, JobStatus.failed, by_worker=by_worker, at_attempt=attempt, error=error)
 
     def cancel(self, record: JobRecord) -> JobRecord | None:
         """Cancel a queued job at once; ask a running one to stop at its next progress report."""

@@ -37,6 +37,11 @@ def blob(name: str) -> str:
     return f"{PREFIX}blob:{name}"
 
 
+def claims(variant: str) -> str:
+    """Sorted set: job id -> unix time a worker claimed it, over the last `drain_window_seconds` (the drain rate)."""
+    return f"{PREFIX}stats:claims:{variant}"
+
+
 def stage_histogram(stage: str) -> str:
     return f"{PREFIX}stats:stage:{stage}"
 

@@ -29,9 +29,11 @@ def _catalogue(*types: ProblemType) -> dict[str, ProblemType]:
 
 PROBLEMS = _catalogue(
     # request problems
+    ProblemType("malformed-request", 400, "The HTTP request is malformed"),
     ProblemType("unauthorized", 401, "Missing or unknown API key"),
     ProblemType("not-found", 404, "No such resource"),
     ProblemType("method-not-allowed", 405, "Method not allowed"),
+    ProblemType("request-timeout", 408, "The client sent the request too slowly"),
     ProblemType("validation-error", 422, "The request is invalid"),
     ProblemType("upload-too-large", 413, "The upload is larger than the service accepts"),
     ProblemType("unsupported-media-type", 415, "Send application/json or multipart/form-data"),
@@ -59,6 +61,7 @@ PROBLEMS = _catalogue(
     ProblemType("worker-lost", 500, "The worker running the job stopped unexpectedly"),
     ProblemType("timeout", 504, "The job ran longer than the service allows"),
     ProblemType("generation-failed", 500, "The model failed to generate audio"),
+    ProblemType("unreadable-job", 500, "The job's stored record cannot be read"),
 )
 
 

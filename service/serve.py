@@ -117,8 +117,7 @@ def main() -> None:
     workers = [
         Child(f"worker {index}", [sys.executable, "-m", "service.worker"], env) for index in range(settings.workers)
     ]
-    api_command = [sys.executable, "-m", "uvicorn", "service.api.main:app"]
-    api = Child("api", [*api_command, "--host", settings.host, "--port", str(settings.port)], env)
+    api = Child("api", [sys.executable, "-m", "service.api"], env)
     try:
         if settings.workers:
             try:

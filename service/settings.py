@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.video import FramePath
+from model.frame_path import FramePath
 from model.weights.manifest import DEFAULT_WEIGHTS_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     )
     redis_port: int = Field(6379, description="Port of the redis-server that `serve` starts when `redis_url` is empty.")
     data_dir: Path = Field(Path("data"), description="Where `serve` keeps its redis-server's files.")
+    redis_reconnect_max_seconds: float = Field(
+        10.0, gt=0, description="Longest pause of a worker between tries to reach an unreachable Redis."
+    )
+    unavailable_retry_seconds: int = Field(
+        5, gt=0, description="`Retry-After` of the 503 that the API answers while Redis is unreachable."
+    )
     host: str = Field("0.0.0.0", description="Address the API listens on.")
     port: int = Field(8000, description="Port the API listens on.")
     workers: int = Field(1, ge=0, description="Worker processes `serve` starts next to the API.")
@@ -97,8 +103,20 @@ class Settings(BaseSettings):
     max_num_steps: int = Field(100, gt=0, description="Most sampling steps a job may ask for.")
     max_num_samples: int = Field(4, gt=0, description="Most samples one job may ask for.")
     max_queue: int = Field(100, gt=0, description="Queued jobs per variant beyond which submits get 429.")
+    drain_window_seconds: float = Field(
+        300.0, gt=0, description="Recent past over which the drain rate behind a 429's Retry-After is measured."
+    )
     max_wait_seconds: float = Field(60.0, ge=0, description="Cap on `Prefer: wait=N`.")
     max_page_size: int = Field(100, gt=0, description="Cap on `limit` of a job listing (`GET /v1/jobs`).")
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="Time a client has to send a request's line and headers (else 408, closed)."
+    )
+    body_idle_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest pause within a request body before the connection is closed (408)."
+    )
+    upload_timeout_seconds: float = Field(
+        900.0, gt=0, description="Time a client has to send a whole request body, however it trickles (408)."
+    )
     probe_processes: int = Field(
         2, ge=1, description="Child processes of the API that probe uploads (a crash or hang on a file costs one)."
     )

@@ -1,4 +1,4 @@
-"""The FastAPI application: `uvicorn service.api.main:app`."""
+"""The FastAPI application; `python -m service.api` serves it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -43,7 +45,15 @@ def problem_response(
     return JSONResponse(body, status_code=PROBLEMS[slug].status, headers=headers, media_type=MEDIA_TYPE)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, settings: Settings) -> None:
+    async def on_redis_down(request: Request, err: Exception) -> JSONResponse:
+        log.warning("Redis unreachable on %s %s: %s", request.method, request.url.path, err)
+        retry = {"Retry-After": str(settings.unavailable_retry_seconds)}
+        return problem_response(request, "service-unavailable", "The job store (Redis) is unreachable.", retry)
+
+    for unreachable in (RedisConnectionError, RedisTimeoutError):
+        app.add_exception_handler(unreachable, on_redis_down)
+
     @app.exception_handler(ProblemError)
     async def on_problem(request: Request, err: ProblemError) -> JSONResponse:
         return problem_response(request, err.problem.slug, err.detail, err.headers, **err.extensions)
@@ -115,7 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Video, image or text to audio with MMAudio; queued jobs run on long-lived GPU workers.",
         lifespan=lifespan,
     )
-    install_error_handlers(app)
+    install_error_handlers(app, settings)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -54,11 +54,19 @@ def validation_problem(err: ValidationError) -> ProblemError:
 
 
 def estimate_wait_seconds(redis: Redis, settings: Settings, variant: str) -> int:
-    """Rough time until the queue of ``variant`` drains: depth x mean job time / live workers."""
+    """Time until a full queue of ``variant`` has room again: the jobs over the limit divided by the rate at
+    which workers took jobs recently; before any measurement, depth x mean job time / live workers."""
+    depth = queue.depth(redis, variant)
+    excess = max(1, depth - settings.max_queue + 1)
+    now = time.time()
+    recent = redis.zrangebyscore(keys.claims(variant), now - settings.drain_window_seconds, "+inf", withscores=True)
+    if len(recent) >= 2:
+        span = max(now - recent[0][1], 1e-3)
+        return max(1, math.ceil(excess * span / len(recent)))
     mean = redis.hget(keys.JOB_SECONDS, variant)
     per_job = float(mean) if mean else DEFAULT_JOB_SECONDS
     serving = sum(1 for info in heartbeats.live_workers(redis) if info["variant"] == variant and info["ready"])
-    return max(1, math.ceil(queue.depth(redis, variant) * per_job / max(serving, 1)))
+    return max(1, math.ceil(depth * per_job / max(serving, 1)))
 
 
 class Submitter:

@@ -79,9 +79,32 @@ async def _read_json(chunks: AsyncIterator[bytes]) -> SubmitBody:
         fields = json.loads(body or b"{}")
     except ValueError as err:
         raise ProblemError("validation-error", f"The body is not valid JSON: {err}") from err
+    except RecursionError as err:  # the decoder recurses once per nesting level
+        raise ProblemError("validation-error", "The JSON body is nested too deeply.") from err
     if not isinstance(fields, dict):
         raise ProblemError("validation-error", "The JSON body must be an object of job parameters.")
+    check_scalar_values(fields)
     return SubmitBody(fields=fields)
+
+
+def check_scalar_values(value: Any) -> None:
+    """Refuse text that is not a sequence of Unicode scalar values: JSON's \\ud800-style escapes decode to lone
+    surrogates, which no UTF-8 encoder (ours, Redis's cjson, a client's) accepts later."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_scalar_values(key)
+            check_scalar_values(item)
+    elif isinstance(value, list):
+        for item in value:
+            check_scalar_values(item)
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ProblemError(
+                "validation-error",
+                f"A string in the JSON body holds a lone UTF-16 surrogate (U+{ord(value[err.start]):04X}).",
+            ) from err
 
 
 class _MultipartCollector:

@@ -15,15 +15,16 @@ whose heartbeat expired counts for nothing.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
 
-from redis import Redis
-
 from service import keys, queue
-from service.jobs import CHANGE_JOB_LUA, JobRecord, encode_fields
+from service.jobs import CHANGE_JOB_LUA, JobRecord, JobStore, encode_fields
 from service.schemas import ModelInfo
+
+log = logging.getLogger(__name__)
 
 # Lua functions of both scripts.
 #   queued_jobs: the valid entries of the queue in order, each {entry, id, attempt, duration, steps, samples,
@@ -36,12 +37,18 @@ from service.schemas import ModelInfo
 #     only by a worker without reservations of its own that is allowed to (`takes_reserved`).
 SELECTION_LUA = """
 local function queued_jobs(queue_key, job_prefix, rq_prefix, reserved_prefix, worker_prefix, worker, drop_stale)
-  local found = {}
+  local found, unreadable = {}, {}
   for _, entry in ipairs(redis.call('LRANGE', queue_key, 0, -1)) do
     local id, attempt = string.match(entry, '^(.+)_(%d+)$')
     local job = id and redis.call('HMGET', job_prefix .. id, 'status', 'attempts', 'params')
-    if job and job[1] == 'queued' and tonumber(job[2]) == tonumber(attempt) - 1 then
-      local params = cjson.decode(job[3])
+    local current = job and job[1] == 'queued' and tonumber(job[2]) == tonumber(attempt) - 1
+    local readable, params = false, nil
+    if current then readable, params = pcall(cjson.decode, job[3]) end
+    readable = readable and type(params) == 'table' and type(params.duration) == 'number'
+               and type(params.num_steps) == 'number' and type(params.num_samples or 1) == 'number'
+    if current and not readable then
+      unreadable[#unreadable + 1] = {entry = entry, id = id, attempt = tonumber(attempt)}
+    elseif readable then
       local holder = redis.call('GET', reserved_prefix .. id)
       local mark = 'free'
       if holder == worker then
@@ -57,7 +64,7 @@ local function queued_jobs(queue_key, job_prefix, rq_prefix, reserved_prefix, wo
       if id then redis.call('DEL', reserved_prefix .. id) end
     end
   end
-  return found
+  return found, unreadable
 end
 
 local function next_batch(found, limit, takes_reserved)
@@ -87,23 +94,27 @@ end
 # KEYS: running set, status counts, queue list.
 # ARGV: worker, limit, job key prefix, job channel prefix, RQ job key prefix, reservation key prefix, worker
 #       heartbeat key prefix, then field/value pairs set on every claimed job.
-# Returns the claimed queue entries, oldest first.
+# Returns the claimed queue entries, oldest first, and the entries of queued jobs whose parameters do not parse,
+# which are taken too (the worker fails them) so that one bad record can never block the queue.
 CLAIM_SCRIPT = (
     CHANGE_JOB_LUA
     + SELECTION_LUA
     + """
-local found = queued_jobs(KEYS[3], ARGV[3], ARGV[5], ARGV[6], ARGV[7], ARGV[1], true)
-local claimed = {}
-for _, job in ipairs(next_batch(found, tonumber(ARGV[2]), true)) do
-  redis.call('LREM', KEYS[3], 1, job.entry)
-  redis.call('DEL', ARGV[5] .. job.entry, ARGV[6] .. job.id)
-  local fields = {'attempts', tostring(job.attempt)}
-  for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
-  change_job(ARGV[3] .. job.id, KEYS[1], KEYS[2], ARGV[4] .. job.id, job.id, 'queued', '',
-             tostring(job.attempt - 1), 'running', 0, 'running', fields)
-  claimed[#claimed + 1] = job.entry
+local found, unreadable = queued_jobs(KEYS[3], ARGV[3], ARGV[5], ARGV[6], ARGV[7], ARGV[1], true)
+local function take(jobs)
+  local entries = {}
+  for _, job in ipairs(jobs) do
+    redis.call('LREM', KEYS[3], 1, job.entry)
+    redis.call('DEL', ARGV[5] .. job.entry, ARGV[6] .. job.id)
+    local fields = {'attempts', tostring(job.attempt)}
+    for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+    change_job(ARGV[3] .. job.id, KEYS[1], KEYS[2], ARGV[4] .. job.id, job.id, 'queued', '',
+               tostring(job.attempt - 1), 'running', 0, 'running', fields)
+    entries[#entries + 1] = job.entry
+  end
+  return entries
 end
-return claimed
+return {take(next_batch(found, tonumber(ARGV[2]), true)), take(unreadable)}
 """
 )
 
@@ -141,8 +152,10 @@ def running_fields(worker_name: str, model: ModelInfo) -> dict[str, Any]:
 class QueueClaims:
     """One worker's view of its variant's queue: claim a batch, reserve the next one, wait for work."""
 
-    def __init__(self, redis: Redis, variant: str, worker_name: str, reservation_seconds: float) -> None:
-        self.redis = redis
+    def __init__(self, jobs: JobStore, variant: str, worker_name: str, reservation_seconds: float) -> None:
+        self.jobs = jobs
+        self.redis = redis = jobs.redis
+        self.claims_key = keys.claims(variant)
         self.worker_name = worker_name
         self.queue_key = queue.list_key(variant)
         self.reservation_seconds = max(1, math.ceil(reservation_seconds))  # renewed at every reserve
@@ -151,10 +164,11 @@ class QueueClaims:
 
     def claim(self, limit: int, model: ModelInfo) -> list[JobRecord]:
         """Take the next batch (at most ``limit`` samples): each job becomes ``running`` under this worker, its
-        attempt counted, its start time and the loaded ``model`` recorded."""
+        attempt counted, its start time and the loaded ``model`` recorded. Taken jobs whose record does not
+        parse are failed here, so that one bad record fails alone instead of stopping every worker."""
         fields = running_fields(self.worker_name, model)
         pairs = [item for pair in encode_fields(fields).items() for item in pair]
-        entries = self._claim(
+        batch, unreadable = self._claim(
             keys=[keys.RUNNING_JOBS, keys.STATUS_COUNTS, self.queue_key],
             args=[
                 self.worker_name,
@@ -167,11 +181,26 @@ class QueueClaims:
                 *pairs,
             ],
         )
-        ids = [queue.parse_rq_job_id(entry.decode())[0] for entry in entries]
+        owned = [queue.parse_rq_job_id(entry.decode()) for entry in batch]
+        now = time.time()
         with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
+            for job_id, _ in owned:
                 pipe.hgetall(keys.job(job_id))
-            return [JobRecord.from_hash(raw) for raw in pipe.execute() if raw]
+            if owned:  # the recent claims are the queue's measured drain rate (Retry-After of a full queue)
+                pipe.zadd(self.claims_key, {job_id: now for job_id, _ in owned})
+                pipe.zremrangebyscore(self.claims_key, "-inf", now - self.jobs.settings.drain_window_seconds)
+            raws = pipe.execute()[: len(owned)]
+        records: list[JobRecord] = []
+        broken = [queue.parse_rq_job_id(entry.decode()) for entry in unreadable]
+        for (job_id, attempt), raw in zip(owned, raws, strict=True):
+            try:
+                records.append(JobRecord.from_hash(raw))
+            except (KeyError, ValueError) as err:  # ValueError covers bad JSON and bad UTF-8
+                log.warning("job %s: its record does not parse (%s)", job_id, err)
+                broken.append((job_id, attempt))
+        for job_id, attempt in broken:
+            self.jobs.fail_unreadable(job_id, attempt, self.worker_name)
+        return records
 
     def reserve(self, limit: int) -> list[str]:
         """Reserve the batch this worker would claim next; returns its queue entries (``<job id>_<attempt>``)."""

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from model import build
 from model.pipeline import GenerationRequest, Pipeline
@@ -98,14 +100,48 @@ def warm_up(pipeline: Pipeline) -> None:
     pipeline.generate(GenerationRequest(duration=WARMUP_SECONDS, num_steps=1))
 
 
+class RedisOutage:
+    """Waits out an unreachable Redis: the worker keeps its model and retries with capped exponential backoff
+    instead of exiting (a supervisor's restart would only reload the model into the same outage)."""
+
+    FIRST_DELAY_SECONDS = 0.25
+
+    def __init__(self, max_delay_seconds: float) -> None:
+        self.max_delay_seconds = max_delay_seconds
+        self.delay = 0.0
+
+    def wait(self, err: Exception) -> None:
+        self.delay = min(self.max_delay_seconds, max(self.FIRST_DELAY_SECONDS, 2 * self.delay))
+        log.warning("Redis unreachable (%s); retrying in %.2f s", err, self.delay)
+        time.sleep(self.delay)
+
+    def ended(self) -> None:
+        if self.delay:
+            log.info("Redis reachable again")
+        self.delay = 0.0
+
+    def wait_until_reachable(self, redis: Redis) -> None:
+        while True:
+            try:
+                redis.ping()
+            except (RedisConnectionError, RedisTimeoutError) as err:
+                self.wait(err)
+                continue
+            self.ended()
+            return
+
+
 class WorkerLoop:
     """The main thread: claim a batch, run it, hand its results to the finisher; until asked to stop."""
 
-    def __init__(self, claims: QueueClaims, executor: JobExecutor, prefetcher: Prefetcher, max_batch: int) -> None:
+    def __init__(
+        self, claims: QueueClaims, executor: JobExecutor, prefetcher: Prefetcher, settings: Settings
+    ) -> None:
         self.claims = claims
         self.executor = executor
         self.prefetcher = prefetcher
-        self.max_batch = max_batch
+        self.max_batch = settings.max_batch
+        self.outage = RedisOutage(settings.redis_reconnect_max_seconds)
         self.stopping = False
 
     def request_stop(self, signum: int, frame: object) -> None:
@@ -118,10 +154,16 @@ class WorkerLoop:
         finishing: Future[None] | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="mmaudio-finish") as finisher:
             while not self.stopping:
-                records = self.claims.claim(self.max_batch, self.executor.model_info())
+                try:
+                    records = self.claims.claim(self.max_batch, self.executor.model_info())
+                    if not records:
+                        self.prefetcher.set_busy(False)
+                        self.claims.wait_for_work(IDLE_WAIT_SECONDS)
+                    self.outage.ended()
+                except (RedisConnectionError, RedisTimeoutError) as err:
+                    self.outage.wait(err)
+                    continue
                 if not records:
-                    self.prefetcher.set_busy(False)
-                    self.claims.wait_for_work(IDLE_WAIT_SECONDS)
                     continue
                 self.prefetcher.set_busy(True)
                 batch, results = self.executor.run(records, self.prefetcher.take(records))
@@ -138,6 +180,7 @@ def main() -> None:
     redis = Redis.from_url(settings.redis_address)
     name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     heartbeat = Heartbeat(redis, name, settings)
+    RedisOutage(settings.redis_reconnect_max_seconds).wait_until_reachable(redis)
     heartbeat.beat()
     heartbeat.start()
     prefetcher: Prefetcher | None = None
@@ -158,10 +201,10 @@ def main() -> None:
         store = make_store(settings, redis)
         jobs = JobStore(redis, settings, store)
         executor = JobExecutor(redis, jobs, store, pipeline, name)
-        claims = QueueClaims(redis, settings.variant, name, settings.worker_ttl_seconds)
+        claims = QueueClaims(jobs, settings.variant, name, settings.worker_ttl_seconds)
         prefetcher = Prefetcher(claims, executor, jobs, settings.max_batch)
         prefetcher.start()
-        loop = WorkerLoop(claims, executor, prefetcher, settings.max_batch)
+        loop = WorkerLoop(claims, executor, prefetcher, settings)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, loop.request_stop)
         heartbeat.executor, heartbeat.prefetcher = executor, prefetcher

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 from collections.abc import Iterator
 
 import httpx
@@ -14,11 +12,10 @@ from service_harness import (
     KEY_A,
     KEY_B,
     MAIN_SETTINGS,
-    REDIS_SERVER,
     Media,
     Stack,
     make_stack,
-    wait_until,
+    start_redis,
 )
 
 from model.testkit import free_port, make_audio_only, make_image, make_truncated, make_unknown_codec, make_video
@@ -31,25 +28,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if given:
         yield given.rstrip("/")
         return
-    folder = tmp_path_factory.mktemp("redis")
     port = free_port()
-    command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""]
-    process = subprocess.Popen([*command, "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    process = start_redis(port, tmp_path_factory.mktemp("redis"))
     try:
-        wait_until(lambda: redis_ping(port), 20, "redis-server")
         yield f"redis://127.0.0.1:{port}"
     finally:
         process.terminate()
         process.wait(10)
-
-
-def redis_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")

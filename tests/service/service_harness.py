@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +54,23 @@ MAIN_SETTINGS = {
     "MMAUDIO_WORKER_TTL_SECONDS": "2",
     "MMAUDIO_MAINTENANCE_INTERVAL_SECONDS": "0.25",
 }
+
+
+def redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(port: int, folder: Path) -> subprocess.Popen:
+    """A real redis-server on ``port`` (no persistence), once it answers."""
+    command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""]
+    process = subprocess.Popen([*command, "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    wait_until(lambda: redis_ping(port), 20, "redis-server")
+    return process
 
 
 def child_pids(pid: int) -> list[int]:
@@ -116,7 +134,7 @@ class Stack:
         return Process(name, popen, log)
 
     def start_api(self) -> None:
-        command = [sys.executable, "-m", "uvicorn", "service.api.main:app", "--port", str(self.port)]
+        command = [sys.executable, "-m", "service.api", "--host", "127.0.0.1", "--port", str(self.port)]
         self.api = self._spawn("api", [*command, "--log-level", "warning"])
         wait_until(self._api_answers, START_TIMEOUT, f"{self.name} API")
 

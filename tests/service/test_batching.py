@@ -100,7 +100,7 @@ def queue_job(jobs: JobStore, duration: float, num_steps: int = 2, num_samples: 
 
 def worker_claims(jobs: JobStore, name: str) -> QueueClaims:
     heartbeats.beat(jobs.redis, name, {"name": name}, ttl_seconds=60)
-    return QueueClaims(jobs.redis, VARIANT, name, reservation_seconds=60)
+    return QueueClaims(jobs, VARIANT, name, reservation_seconds=60)
 
 
 def claimed_ids(claims: QueueClaims, limit: int = 8) -> list[str]:

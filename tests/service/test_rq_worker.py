@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from media_factory import make_video
 from redis import Redis
 from service_harness import (
     CLIENT_TIMEOUT,
@@ -25,6 +24,7 @@ from service_harness import (
     wait_for_status,
 )
 
+from model.testkit import make_video
 from service import keys, queue, workers
 from service.worker.claims import QueueClaims
 

@@ -117,7 +117,9 @@ def list_jobs(
     owner: Owner,
     status: Annotated[list[JobStatus] | None, Query(description="Only jobs in these statuses (repeatable).")] = None,
     limit: Annotated[int, Query(ge=1, description="Jobs per page (capped by the deployment).")] = DEFAULT_PAGE_SIZE,
-    before: Annotated[float | None, Query(description="Page cursor: take it from the `next` link.")] = None,
+    before: Annotated[
+        float | None, Query(allow_inf_nan=False, description="Page cursor: take it from the `next` link.")
+    ] = None,
 ) -> Response:
     """The caller's jobs that have not expired, newest first, a page at a time."""
     state = app_state(request)
