@@ -2,11 +2,15 @@
 
 Starts a redis-server (unless MMAUDIO_REDIS_URL points at one), fetches the official weights of the
 configured variant on first start (with progress), then runs MMAUDIO_WORKERS worker processes and the API
-on MMAUDIO_HOST:MMAUDIO_PORT. A worker that dies is restarted; Ctrl-C or SIGTERM stops everything.
+on MMAUDIO_HOST:MMAUDIO_PORT. A child that dies (Redis, a worker, the API) is restarted with growing delays;
+after MMAUDIO_RESTART_ATTEMPTS quick deaths in a row of one child the launcher stops everything and exits 1,
+so that a supervisor above it sees the failure. Ctrl-C or SIGTERM stops everything (exit 0); the children
+are bound to the launcher's life (parent-death signal), so even a SIGKILL of it leaves no orphans.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -29,6 +33,14 @@ REDIS_START_SECONDS = 20.0
 RESTART_BACKOFF_SECONDS = (1.0, 60.0)  # first and longest delay before restarting a crashed worker
 HEALTHY_RUN_SECONDS = 300.0  # a worker that ran this long before dying is restarted without delay growth
 STOP_GRACE_SECONDS = 30.0  # a worker finishes its current job within this, then it is killed
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
+
+
+def die_with_parent() -> None:
+    """Run in each child between fork and exec: SIGTERM it when the launcher dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 @dataclass
@@ -40,12 +52,13 @@ class Child:
     restart_delay: float = RESTART_BACKOFF_SECONDS[0]
     restart_at: float | None = None
     started_at: float = 0.0
+    quick_deaths: int = 0  # deaths in a row, each before HEALTHY_RUN_SECONDS of running
 
     def start(self) -> None:
         log.info("starting %s", self.name)
         # its own process group: a Ctrl-C in the terminal reaches the launcher alone, which then stops the
         # children in order (Redis last, once nothing uses it)
-        self.process = subprocess.Popen(self.command, env=self.env, process_group=0)
+        self.process = subprocess.Popen(self.command, env=self.env, process_group=0, preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
 
     def terminate(self) -> None:
@@ -118,6 +131,7 @@ def main() -> None:
         Child(f"worker {index}", [sys.executable, "-m", "service.worker"], env) for index in range(settings.workers)
     ]
     api = Child("api", [sys.executable, "-m", "service.api"], env)
+    failed: Child | None = None
     try:
         if settings.workers:
             try:
@@ -127,35 +141,40 @@ def main() -> None:
         for child in [*workers, api]:
             child.start()
         log.info("serving on http://%s:%d (docs at /docs)", settings.host, settings.port)
-        while not stopping:
+        supervised = [*([redis] if redis else []), api, *workers]
+        while not stopping and failed is None:
             time.sleep(0.5)
-            if api.process.poll() is not None:
-                log.error("the API exited (code %s); stopping", api.process.returncode)
-                break
-            for worker in workers:
-                _supervise(worker)
+            failed = next((c for c in supervised if not _supervise(c, settings.restart_attempts)), None)
     finally:
         stop_all([api, *workers], STOP_GRACE_SECONDS)
         if redis is not None:
             stop_all([redis], STOP_GRACE_SECONDS)
+    if failed is not None:
+        sys.exit(f"{failed.name} keeps dying ({failed.quick_deaths} times in a row); the service is stopped")
 
 
-def _supervise(worker: Child) -> None:
-    """Restart a worker that exited, waiting longer after each crash in a row."""
-    if worker.process.poll() is None:
-        return
+def _supervise(child: Child, attempts: int) -> bool:
+    """Restart a child that exited, waiting longer after each quick death in a row; False once it died
+    ``attempts`` times in a row without running for HEALTHY_RUN_SECONDS."""
+    if child.process.poll() is None:
+        return True
     now = time.monotonic()
-    if worker.restart_at is None:
-        if now - worker.started_at > HEALTHY_RUN_SECONDS:
-            worker.restart_delay = RESTART_BACKOFF_SECONDS[0]
+    if child.restart_at is None:
+        if now - child.started_at > HEALTHY_RUN_SECONDS:
+            child.restart_delay, child.quick_deaths = RESTART_BACKOFF_SECONDS[0], 0
+        child.quick_deaths += 1
+        if child.quick_deaths >= attempts:
+            log.error("%s exited (code %s), %d times in a row", child.name, child.process.returncode, attempts)
+            return False
         log.error(
-            "%s exited (code %s); restarting in %.0f s", worker.name, worker.process.returncode, worker.restart_delay
+            "%s exited (code %s); restarting in %.0f s", child.name, child.process.returncode, child.restart_delay
         )
-        worker.restart_at = now + worker.restart_delay
-        worker.restart_delay = min(worker.restart_delay * 2, RESTART_BACKOFF_SECONDS[1])
-    elif now >= worker.restart_at:
-        worker.restart_at = None
-        worker.start()
+        child.restart_at = now + child.restart_delay
+        child.restart_delay = min(child.restart_delay * 2, RESTART_BACKOFF_SECONDS[1])
+    elif now >= child.restart_at:
+        child.restart_at = None
+        child.start()
+    return True
 
 
 if __name__ == "__main__":

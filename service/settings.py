@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address the API listens on.")
     port: int = Field(8000, description="Port the API listens on.")
     workers: int = Field(1, ge=0, description="Worker processes `serve` starts next to the API.")
+    restart_attempts: int = Field(
+        5,
+        ge=1,
+        description="Quick deaths in a row of one child of `serve` (Redis, the API, a worker) after which it "
+        "stops the service and exits 1.",
+    )
     base_url: str | None = Field(
         None, description="Public URL of the API used in links and webhooks (behind a proxy). Empty: from each request."
     )

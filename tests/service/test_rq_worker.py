@@ -25,7 +25,7 @@ from service_harness import (
 )
 
 from model.testkit import make_video
-from service import keys, queue, workers
+from service import heartbeats, keys, queue
 from service.worker.claims import QueueClaims
 
 VARIANT = MAIN_SETTINGS["MMAUDIO_VARIANT"]
@@ -130,7 +130,7 @@ def revision(redis: Redis, job_id: str) -> int:
 def test_rq_task_leaves_alone_entries_not_its_to_run(rq_stack: Stack, client: httpx.Client, redis: Redis) -> None:
     claimed = client.post("/v1/jobs", json=QUICK).json()
     model = claimed["model"]  # a claim records the worker's loaded model; the one the API announced will do
-    workers.beat(redis, BATCHING_WORKER, {"name": BATCHING_WORKER, "variant": VARIANT, "ready": False}, 600)
+    heartbeats.beat(redis, BATCHING_WORKER, {"name": BATCHING_WORKER, "variant": VARIANT, "ready": False}, 600)
     try:
         assert [job.id for job in QueueClaims(redis, VARIANT, BATCHING_WORKER, 1).claim(1, model)] == [claimed["id"]]
         retried = client.post("/v1/jobs", json=QUICK).json()
@@ -160,7 +160,7 @@ def test_rq_task_leaves_alone_entries_not_its_to_run(rq_stack: Stack, client: ht
         assert_rq_registries_empty(redis)
     finally:
         client.post(f"/v1/jobs/{claimed['id']}/cancel")
-        workers.forget(redis, BATCHING_WORKER)  # the reaper ends the claimed job as canceled
+        heartbeats.forget(redis, BATCHING_WORKER)  # the reaper ends the claimed job as canceled
 
 
 def test_rq_worker_on_another_variants_queue_gives_the_entry_back_and_stops(
