@@ -24,6 +24,10 @@ class NoVideoStreamError(MediaError):
     pass
 
 
+class StillImageError(MediaError):
+    """A picture where a video was expected (FFmpeg opens images as one-frame videos)."""
+
+
 class UnsupportedCodecError(MediaError):
     pass
 

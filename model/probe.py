@@ -3,6 +3,8 @@ wrong with it (model.media_errors), and reading what the service reports about i
 
 from __future__ import annotations
 
+import functools
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from model.media_errors import (
     EmptyMediaError,
     MediaTooLargeError,
     NoVideoStreamError,
+    StillImageError,
     TruncatedMediaError,
     UnreadableMediaError,
     UnsupportedCodecError,
@@ -30,6 +33,7 @@ class ProbeLimits:
     max_width: int = 8192
     max_height: int = 8192
     max_packets_to_first_frame: int = 512  # a sane stream yields a frame within its first GOP
+    max_counted_seconds: float = 3600.0  # a stream without a stated duration is counted this far at most
 
 
 DEFAULT_LIMITS = ProbeLimits()
@@ -37,7 +41,7 @@ DEFAULT_LIMITS = ProbeLimits()
 
 @dataclass(frozen=True)
 class MediaInfo:
-    duration_sec: float | None  # None when the container does not say
+    duration_sec: float | None  # None for a still image
     fps: Fraction | None
     width: int  # display orientation (rotation applied)
     height: int
@@ -47,14 +51,22 @@ class MediaInfo:
     rotation: int  # counter-clockwise degrees the stored frames must turn for display
 
 
+DEFAULT_RAW_FPS = 25.0  # FFmpeg's own assumption for a raw stream that states no rate
 MAX_TOP_LEVEL_BOXES = 100_000  # fragmented MP4 has two per fragment; more is not a real file
 
 
+# Top-level boxes of ISO-BMFF files (ISO 14496-12 and the QuickTime atoms FFmpeg writes and reads).
+TOP_LEVEL_BOXES = frozenset(
+    b"ftyp moov mdat free skip wide uuid moof mfra styp sidx ssix prft emsg meta pdin udta pnot junk".split()
+)
+
+
 def _truncated_iso_bmff(path: Path) -> bool:
-    """Does an MP4/MOV file (first box 'ftyp') declare a top-level box that runs past its end?"""
+    """Does an MP4/MOV file (first box 'ftyp') declare a top-level box that runs past its end? Bytes after a
+    complete movie (its moov and media data) that do not start a known box are trailing junk, not a cut."""
     size = path.stat().st_size
     with path.open("rb") as f:
-        offset, first = 0, True
+        offset, first, seen = 0, True, set()
         for _ in range(MAX_TOP_LEVEL_BOXES):
             if offset + 8 > size:
                 break
@@ -64,6 +76,9 @@ def _truncated_iso_bmff(path: Path) -> bool:
             if first and box_type != b"ftyp":
                 return False
             first = False
+            if box_type not in TOP_LEVEL_BOXES and b"moov" in seen and seen & {b"mdat", b"moof"}:
+                return False
+            seen.add(box_type)
             if box_size == 1:  # 64-bit size follows the type
                 box_size = int.from_bytes(header[8:16], "big")
             if box_size == 0:  # box runs to the end of the file
@@ -130,25 +145,50 @@ def display_rotation(frame: av.VideoFrame) -> int:
     return round(angle / 90) % 4 * 90
 
 
+def _is_still_image(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> bool:
+    """FFmpeg opens PNG, JPEG, WebP... files as one-frame 'videos' through its image demuxers."""
+    name = container.format.name
+    return name == "image2" or (name.endswith("_pipe") and stream.frames <= 1)
+
+
+def _counted_duration(path: Path, fps: Fraction | None, limits: ProbeLimits) -> float:
+    """Duration of a stream whose container states none (a raw H.264 or HEVC elementary stream): its packets
+    counted (demuxed, not decoded) at its frame rate, up to ``limits.max_counted_seconds``. Such streams do
+    not seek, so the count reads the file from a fresh open."""
+    rate = float(fps) if fps else DEFAULT_RAW_FPS
+    frames = 0
+    with av.open(str(path), metadata_errors="ignore") as container:
+        for packet in container.demux(container.streams.video[0]):
+            frames += packet.size > 0
+            if frames / rate > limits.max_counted_seconds:
+                break
+    return frames / rate
+
+
 def probe_video(path: str | Path, limits: ProbeLimits = DEFAULT_LIMITS) -> MediaInfo:
     """Cheap validation of an upload: opens it, checks its size and decodes one frame.
 
     Raises a MediaError subclass for empty, unreadable, truncated, audio-only, undecodable,
-    corrupt or oversized files.  Work is bounded by the container probe and ``limits``.
+    corrupt or oversized files and for still images.  Work is bounded by the container probe and ``limits``.
     """
     with open_video(path) as (container, stream):
+        if _is_still_image(container, stream):
+            raise StillImageError(f"{Path(path).name}: a still image, not a video (send it as the image)")
         width, height = stream.codec_context.width, stream.codec_context.height
         _check_size(Path(path), width, height, limits)
         stream.thread_type = "AUTO"
         frame = _first_frame(container, stream, limits)
+        width, height = frame.width, frame.height  # a raw stream's header may not state them
+        _check_size(Path(path), width, height, limits)
         rotation = display_rotation(frame)
         if rotation % 180:
             width, height = height, width
-        duration = None
         if stream.duration is not None and stream.time_base is not None:
             duration = float(stream.duration * stream.time_base)
         elif container.duration is not None:
             duration = container.duration / av.time_base
+        else:
+            duration = _counted_duration(Path(path), stream.guessed_rate, limits)
         return MediaInfo(
             duration_sec=duration,
             fps=stream.guessed_rate,
@@ -159,6 +199,13 @@ def probe_video(path: str | Path, limits: ProbeLimits = DEFAULT_LIMITS) -> Media
             has_audio=bool(container.streams.audio),
             rotation=rotation,
         )
+
+
+@functools.cache
+def mp4_video_codecs() -> frozenset[str]:
+    """Video codecs FFmpeg's mp4 muxer can carry, so a stream of one of them can be copied into the result."""
+    with av.open(io.BytesIO(), "w", format="mp4") as muxer:
+        return frozenset(muxer.supported_codecs)
 
 
 @contextmanager

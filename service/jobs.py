@@ -14,6 +14,7 @@ the reaper already declared lost, always resolves to exactly one outcome.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.storage import BlobStore
+
+log = logging.getLogger(__name__)
 
 JSON_FIELDS = ("params", "input", "model", "progress", "timings", "result", "error", "webhook")
 # the JSON fields stored as a schema model: decoded into it, encoded from it
@@ -140,6 +143,16 @@ class JobRecord:
                 values[name] = repr(value)
         present = {name: getattr(self, name) for name in JSON_FIELDS if getattr(self, name) is not None}
         return values | encode_fields(present)
+
+    @classmethod
+    def readable(cls, job_id: str, raw: dict[bytes, bytes]) -> JobRecord | None:
+        """The record, or None (logged) when the stored hash does not parse: a corrupted record is skipped by
+        listings instead of failing them for its owner."""
+        try:
+            return cls.from_hash(raw)
+        except (KeyError, ValueError) as err:  # ValueError covers bad JSON, bad UTF-8 and failed validation
+            log.error("job %s: its stored record does not parse (%s)", job_id, err)
+            return None
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:
@@ -352,23 +365,22 @@ class JobStore:
         """End a job that ``by_worker`` took at ``attempt`` but whose record does not parse: failed with a typed
         error, its upload and webhook handled as far as the record can still be read."""
         error = problem_body("unreadable-job", "The job's stored parameters cannot be read; submit it again.")
-        try:
-            record = JobRecord.from_hash(self.redis.hgetall(keys.job(job_id)))
-        except (KeyError, ValueError):
-            self.update(
-                job_id,
-                (JobStatus.running,),
-                JobStatus.failed,
-                by_worker=by_worker,
-                at_attempt=attempt,
-                expire_seconds=self.settings.result_ttl_seconds,
-                finished_at=time.time(),
-                progress=None,
-                error=error,
-            )
-            return
         running = (JobStatus.running,)
-        self.finish(record, running, JobStatus.failed, by_worker=by_worker, at_attempt=attempt, error=error)
+        record = JobRecord.readable(job_id, self.redis.hgetall(keys.job(job_id)))
+        if record is not None:
+            self.finish(record, running, JobStatus.failed, by_worker=by_worker, at_attempt=attempt, error=error)
+            return
+        self.update(
+            job_id,
+            running,
+            JobStatus.failed,
+            by_worker=by_worker,
+            at_attempt=attempt,
+            expire_seconds=self.settings.result_ttl_seconds,
+            finished_at=time.time(),
+            progress=None,
+            error=error,
+        )
 
     def cancel(self, record: JobRecord) -> JobRecord | None:
         """Cancel a queued job at once; ask a running one to stop at its next progress report."""
@@ -396,11 +408,11 @@ class JobStore:
             expired = [job_id for (job_id, _), raw in zip(chunk, raws, strict=True) if not raw]
             if expired:
                 self.redis.zrem(index, *expired)
-            for (_, created), raw in zip(chunk, raws, strict=True):
+            for (job_id, created), raw in zip(chunk, raws, strict=True):
                 if not raw:
                     continue
-                record = JobRecord.from_hash(raw)
-                if statuses is None or record.status in statuses:
+                record = JobRecord.readable(job_id.decode(), raw)
+                if record is not None and (statuses is None or record.status in statuses):
                     if len(found) == limit:
                         return found, found[-1].created_at
                     found.append(record)

@@ -9,6 +9,7 @@ MEDIA_PROBLEMS: tuple[tuple[type[media_errors.MediaError], str], ...] = (
     (media_errors.EmptyMediaError, "empty-upload"),
     (media_errors.UnreadableMediaError, "unreadable-media"),
     (media_errors.NoVideoStreamError, "no-video-stream"),
+    (media_errors.StillImageError, "still-image"),
     (media_errors.UnsupportedCodecError, "unsupported-codec"),
     (media_errors.TruncatedMediaError, "truncated-media"),
     (media_errors.CorruptMediaError, "corrupt-media"),

@@ -40,6 +40,7 @@ PROBLEMS = _catalogue(
     ProblemType("empty-upload", 422, "The uploaded file is empty"),
     ProblemType("unreadable-media", 415, "The upload is not a video or image the service can read"),
     ProblemType("no-video-stream", 415, "The upload has no video stream"),
+    ProblemType("still-image", 415, "The video field holds a still image: send it as `image`"),
     ProblemType("unsupported-codec", 415, "The video codec is not supported"),
     ProblemType("truncated-media", 422, "The upload is cut short"),
     ProblemType("corrupt-media", 422, "The video does not decode"),

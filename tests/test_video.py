@@ -21,12 +21,13 @@ from model.media_errors import (
     MediaError,
     MediaTooLargeError,
     NoVideoStreamError,
+    StillImageError,
     TruncatedMediaError,
     UnreadableMediaError,
     UnsupportedCodecError,
     VideoTooShortError,
 )
-from model.probe import ProbeLimits, probe_image, probe_video
+from model.probe import ProbeLimits, mp4_video_codecs, probe_image, probe_video
 from model.testkit import (
     make_audio_only,
     make_image,
@@ -297,3 +298,34 @@ def test_image_errors_are_the_same_for_probing_and_loading(media: Path, read: Ca
     (media / "cut.png").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(TruncatedMediaError):
         read(media / "cut.png")
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_probe_refuses_a_still_image_as_video(media: Path, suffix: str) -> None:
+    with pytest.raises(StillImageError):
+        probe_video(make_image(media / f"still.{suffix}"))
+
+
+def test_probe_accepts_bytes_after_a_complete_movie(media: Path) -> None:
+    for faststart in (False, True):
+        movie = make_video(media / f"whole{faststart}.mp4", seconds=1.0, faststart=faststart)
+        padded = media / f"padded{faststart}.mp4"
+        padded.write_bytes(movie.read_bytes() + b"trailing bytes a tool appended " * 20)
+        assert probe_video(padded).duration_sec == pytest.approx(1.0, abs=0.05)
+    cut = make_truncated(media / "cut_anyway.mp4", movie, keep=0.6)  # a real cut is still one
+    with pytest.raises(TruncatedMediaError):
+        probe_video(cut)
+
+
+def test_probe_measures_a_stream_without_a_container(media: Path) -> None:
+    raw = make_video(media / "raw.h264", seconds=3.0, fps=25, size=(320, 240))
+    info = probe_video(raw)
+    assert info.duration_sec == pytest.approx(3.0) and (info.width, info.height) == (320, 240)
+    assert probe_video(raw, ProbeLimits(max_counted_seconds=1.0)).duration_sec == pytest.approx(1.04)
+    with pytest.raises(MediaTooLargeError):
+        probe_video(raw, ProbeLimits(max_width=100, max_height=100))
+
+
+def test_mp4_codecs_come_from_the_muxer() -> None:
+    codecs = mp4_video_codecs()
+    assert {"h264", "hevc", "av1", "vp9"} <= codecs and not {"vp8", "gif", "prores"} & codecs

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 from redis import Redis
 
+from model import probe
 from service import heartbeats, keys, queue
 from service.api.probing import ProbePool
 from service.api.uploads import SubmitBody
@@ -109,6 +110,13 @@ class Submitter:
         input_info = InputInfo(kind=kind)
         if body.file is not None:
             media = self.probes.inspect(body.file.path, body.file.field)
+            wants_mp4 = (params.output_format or "mp4") == "mp4"
+            if kind == "video" and wants_mp4 and media.codec not in probe.mp4_video_codecs():
+                raise ProblemError(
+                    "unsupported-codec",
+                    f"{media.codec} video cannot be copied into an mp4 result; "
+                    "ask for output_format flac, wav or m4a (the audio alone).",
+                )
             input_info = InputInfo(
                 kind=kind, filename=body.file.filename, size=body.file.size, sha256=body.file.sha256, media=media
             )

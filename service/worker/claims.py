@@ -15,7 +15,6 @@ whose heartbeat expired counts for nothing.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import Any
@@ -23,8 +22,6 @@ from typing import Any
 from service import keys, queue
 from service.jobs import CHANGE_JOB_LUA, JobRecord, JobStore, encode_fields
 from service.schemas import ModelInfo
-
-log = logging.getLogger(__name__)
 
 # Lua functions of both scripts.
 #   queued_jobs: the valid entries of the queue in order, each {entry, id, attempt, duration, steps, samples,
@@ -193,11 +190,11 @@ class QueueClaims:
         records: list[JobRecord] = []
         broken = [queue.parse_rq_job_id(entry.decode()) for entry in unreadable]
         for (job_id, attempt), raw in zip(owned, raws, strict=True):
-            try:
-                records.append(JobRecord.from_hash(raw))
-            except (KeyError, ValueError) as err:  # ValueError covers bad JSON and bad UTF-8
-                log.warning("job %s: its record does not parse (%s)", job_id, err)
+            record = JobRecord.readable(job_id, raw)
+            if record is None:
                 broken.append((job_id, attempt))
+            else:
+                records.append(record)
         for job_id, attempt in broken:
             self.jobs.fail_unreadable(job_id, attempt, self.worker_name)
         return records

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from conftest import keyed_client
 from service_harness import KEY_A, KEY_B, QUICK, WAIT, Media, Stack, wait_for_status
+
+from model.testkit import make_video
 
 JSON = {"Content-Type": "application/json"}
 BOUNDARY = "hostile-boundary"
@@ -41,7 +44,8 @@ class Hostile:
     content: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] | list[tuple[str, str]] | None = None
-    file: tuple[str, str] | None = None  # (field, media attribute): a real multipart upload
+    file: tuple[str, str] | None = None  # (field, media attribute or EXTRA_MEDIA name): a real upload
+    form: dict[str, str] = field(default_factory=dict)  # more fields sent with that upload
     key: str | None = KEY_A
 
 
@@ -130,6 +134,12 @@ CASES = [
     case("too wide video", "POST", SUBMIT, 422, file=("video", "too_wide")),
     case("too short video", "POST", SUBMIT, 422, file=("video", "too_short")),
     case("text as image", "POST", SUBMIT, 415, file=("image", "text")),
+    case("still image as video", "POST", SUBMIT, 415, file=("video", "image")),
+    case("vp8 into mp4", "POST", SUBMIT, 415, file=("video", "vp8")),
+    case("vp8 for its audio", "POST", SUBMIT, 202, file=("video", "vp8"), form={"output_format": "flac"}),
+    case("bytes after the movie", "POST", SUBMIT, 202, file=("video", "padded")),
+    case("raw stream too long", "POST", SUBMIT, 422, file=("video", "raw_long")),
+    case("raw stream", "POST", SUBMIT, 202, file=("video", "raw")),
     # --- headers -------------------------------------------------------------------------------------------------
     case("no content type", "POST", SUBMIT, 415, content=b"{}"),
     case("text/plain body", "POST", SUBMIT, 415, content=b"prompt=x", headers={"Content-Type": "text/plain"}),
@@ -194,7 +204,20 @@ def finished_job(stack: Stack) -> str:
     return job["id"]
 
 
-def send(stack: Stack, media: Media, hostile: Hostile, job_id: str) -> httpx.Response:
+@pytest.fixture(scope="module")
+def extra_media(media: Media, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("hostile-media")
+    padded = folder / "padded.mp4"
+    padded.write_bytes(media.video.read_bytes() + b"bytes some tool appended " * 40)
+    return {
+        "vp8": make_video(folder / "clip.webm", seconds=1.6, codec="libvpx"),
+        "padded": padded,
+        "raw": make_video(folder / "clip.h264", seconds=1.6),
+        "raw_long": make_video(folder / "long.h264", seconds=25.0, size=(64, 48)),  # over MAX_VIDEO_SECONDS
+    }
+
+
+def send(stack: Stack, media: Media, extra: dict[str, Path], hostile: Hostile, job_id: str) -> httpx.Response:
     headers = dict(hostile.headers)
     if hostile.key is not None:
         headers["Authorization"] = f"Bearer {hostile.key}"
@@ -202,14 +225,14 @@ def send(stack: Stack, media: Media, hostile: Hostile, job_id: str) -> httpx.Res
     with httpx.Client(timeout=60) as client:
         if hostile.file is not None:
             name, attribute = hostile.file
-            path = getattr(media, attribute)
+            path = extra[attribute] if attribute in extra else getattr(media, attribute)
             with path.open("rb") as handle:
                 return client.request(
                     hostile.method,
                     url,
                     headers=headers,
                     files={name: (path.name, handle)},
-                    data={"prompt": "x", **{k: str(v) for k, v in QUICK.items()}},
+                    data={"prompt": "x", **{k: str(v) for k, v in QUICK.items()}, **hostile.form},
                 )
         if hostile.method == "GET" and url.endswith("/events"):  # a live stream: read just its answer's head
             with client.stream("GET", url, headers=headers, params=hostile.params) as response:
@@ -222,8 +245,10 @@ def test_hostile_cases_are_distinct_and_many() -> None:
 
 
 @pytest.mark.parametrize("hostile", CASES, ids=[c.name for c in CASES])
-def test_hostile_request(stack: Stack, media: Media, finished_job: str, hostile: Hostile) -> None:
-    response = send(stack, media, hostile, finished_job)
+def test_hostile_request(
+    stack: Stack, media: Media, extra_media: dict[str, Path], finished_job: str, hostile: Hostile
+) -> None:
+    response = send(stack, media, extra_media, hostile, finished_job)
     assert response.status_code in hostile.statuses, (response.status_code, response.text[:300])
     if response.status_code >= 400:
         assert response.headers["content-type"] == "application/problem+json"

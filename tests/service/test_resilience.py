@@ -88,6 +88,8 @@ def test_unreadable_record_fails_alone_and_the_worker_goes_on(stack: Stack, alic
         assert json.loads(record[b"error"])["type"] == "urn:mmaudio:problem:unreadable-job"
         assert redis.ttl(keys.job(job_id)) > 0
     assert redis.llen(queue.list_key("large_44k_v2")) == 0
+    listed = alice.get("/v1/jobs", params={"limit": 100})  # the owner's listing skips what does not parse
+    assert listed.status_code == 200 and not {j["id"] for j in listed.json()["jobs"]} & set(poisoned)
     assert worker.popen.poll() is None, worker.tail()  # the same process, never restarted
     assert stack.ready_workers() >= 1
 
