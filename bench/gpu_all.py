@@ -48,7 +48,8 @@ from bench.stages import (
     table,
 )
 from model.media import mux_video
-from model.pipeline import GenerationRequest, Pipeline, PreparedRequest
+from model.pipeline import Pipeline, PreparedRequest
+from model.request import GenerationRequest
 from model.testkit import make_video
 
 BF16_TOLERANCE = 2e-2  # issue 4: relative to fp32

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from model.build import VARIANTS, Architecture, pipeline_from_state_dicts
 from model.flow import FlowNetwork
-from model.pipeline import GenerationRequest, GenerationResult, Pipeline
+from model.pipeline import GenerationResult, Pipeline
 from model.recipe import init_value
+from model.request import GenerationRequest
 from model.synchformer import VISUAL_PREFIX, Synchformer
 from model.testkit import make_video
 from model.vae import VAEDecoder

@@ -21,7 +21,7 @@ import torch
 from model.build import VARIANTS, load_pipeline
 from model.media import mux_video, write_audio
 from model.media_errors import MediaError
-from model.pipeline import REQUEST_PARAMETERS, GenerationRequest
+from model.request import REQUEST_PARAMETERS, GenerationRequest
 from model.weights.manifest import WeightsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

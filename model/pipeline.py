@@ -17,8 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,6 +27,7 @@ from model.clip import ClipEncoder
 from model.flow import Conditions, FlowNetwork
 from model.frame_path import FramePath
 from model.graphs import GraphedEulerSampler
+from model.request import GenerationRequest
 from model.sampler import euler_sample
 from model.sequence import MIN_DURATION, SYNC_SEGMENT, SYNC_STEP, SYNC_TOKENS_PER_SEGMENT, SequenceLengths
 from model.synchformer import Synchformer
@@ -45,34 +45,6 @@ ProgressCallback = Callable[[str, float], None]  # (stage, fraction done); raisi
 
 class Cancelled(Exception):
     """Raised by a progress callback to stop a generation between steps."""
-
-
-def parameter(default: Any, help_text: str, flag: str | None = None) -> Any:
-    """A generation parameter: its default and the help text the CLI shows (``flag``: its option, when not
-    the field's name)."""
-    return field(default=default, metadata={"help": help_text, "flag": flag})
-
-
-@dataclass
-class GenerationRequest:
-    """The parameters of one generation (the one table of them: the CLI's options are made from it, the
-    service maps its job parameters onto it by name) and its input, a video, an image or none."""
-
-    prompt: str = parameter("", "what the audio should contain")
-    # None: the checkpoint's learned empty-prompt features (no negative prompt)
-    negative_prompt: str | None = parameter("", "what it should not contain")
-    duration: float = parameter(8.0, "seconds (a shorter video shortens it)")
-    num_steps: int = parameter(25, "Euler steps", flag="--steps")
-    cfg_strength: float = parameter(4.5, "classifier-free guidance")
-    seed: int = parameter(42, "random seed")
-    mask_away_clip: bool = parameter(False, "ignore the video's CLIP (semantic) features (keep its sync features)")
-    # noise = randn(num_samples, ...) from one generator seeded with `seed`
-    num_samples: int = parameter(1, "samples generated together")
-    video: Path | None = None
-    image: Path | None = None
-
-
-REQUEST_PARAMETERS = tuple(item for item in fields(GenerationRequest) if "help" in item.metadata)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from model.request import REQUEST_PARAMETERS
 from model.sequence import MIN_DURATION  # the shortest clip the model can condition on
 from service.settings import Settings, Variant
 
@@ -34,6 +35,17 @@ ResultFormat = Literal["mp4", "flac", "wav", "m4a"]
 DEPLOYMENT_LIMITS = {"duration": "max_duration", "num_steps": "max_num_steps", "num_samples": "max_num_samples"}
 
 
+GENERATION_PARAMETERS = {item.name: item for item in REQUEST_PARAMETERS}
+
+
+def generation_parameter(name: str, **constraints: Any) -> Any:
+    """A job parameter that is a generation parameter: its default and text from model.request's one table,
+    with the API's bounds."""
+    item = GENERATION_PARAMETERS[name]
+    text = item.metadata["help"]
+    return Field(item.default, description=f"{text[:1].upper()}{text[1:]}.", **constraints)
+
+
 class JobParams(BaseModel):
     """What a client may set on submit. Defaults follow the official demo.
 
@@ -43,14 +55,14 @@ class JobParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field("", description="What the audio should contain.")
-    negative_prompt: str = Field("", description="What the audio should avoid.")
-    duration: float = Field(8.0, ge=MIN_DURATION, description="Seconds of audio; a shorter video shortens it.")
-    num_steps: int = Field(25, ge=1, description="Flow-matching Euler steps.")
-    cfg_strength: float = Field(4.5, ge=0.0, le=20.0, description="Classifier-free guidance strength.")
+    prompt: str = generation_parameter("prompt")
+    negative_prompt: str = generation_parameter("negative_prompt")
+    duration: float = generation_parameter("duration", ge=MIN_DURATION)
+    num_steps: int = generation_parameter("num_steps", ge=1)
+    cfg_strength: float = generation_parameter("cfg_strength", ge=0.0, le=20.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; drawn by the service when absent.")
-    mask_away_clip: bool = Field(False, description="Ignore the CLIP (visual semantics) features of the video.")
-    num_samples: int = Field(1, ge=1, description="Samples generated together from the one seeded noise draw.")
+    mask_away_clip: bool = generation_parameter("mask_away_clip")
+    num_samples: int = generation_parameter("num_samples", ge=1)
     variant: Variant | None = Field(None, description="Model variant; the deployment's default when absent.")
     output_format: ResultFormat | None = Field(
         None, description="Default format of /result: mp4 for video jobs, flac otherwise."

@@ -11,8 +11,9 @@ import torch
 
 from model.build import Architecture, load_pipeline, pipeline_from_files, tiny_pipeline
 from model.checkpoint import CheckpointError
-from model.pipeline import Cancelled, GenerationRequest, Pipeline
+from model.pipeline import Cancelled, Pipeline
 from model.recipe import synth_module_state_dict
+from model.request import GenerationRequest
 from model.testkit import make_image, make_video
 from model.vae import VAEDecoder
 from model.vocoder import BigVGAN

@@ -8,7 +8,7 @@ import torch
 
 from model.build import Architecture, pipeline_from_state_dicts
 from model.parity.harness import Fixture
-from model.pipeline import GenerationRequest
+from model.request import GenerationRequest
 
 # pipeline fixture component name prefix -> our state-dict slot
 COMPONENT_SLOTS = {"flow_": "flow", "clip": "clip", "synchformer": "synchformer", "vae_": "vae", "bigvgan": "vocoder"}

@@ -30,7 +30,8 @@ from redis import Redis
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from model.media_errors import MediaError
-from model.pipeline import REQUEST_PARAMETERS, Cancelled, GenerationRequest, GenerationResult, Pipeline, PreparedRequest
+from model.pipeline import Cancelled, GenerationResult, Pipeline, PreparedRequest
+from model.request import REQUEST_PARAMETERS, GenerationRequest
 from service import keys, queue
 from service.jobs import JobRecord, JobStore, UpdateOutcome
 from service.media_problems import media_problem

@@ -29,7 +29,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from model import build
-from model.pipeline import GenerationRequest, Pipeline
+from model.pipeline import Pipeline
+from model.request import GenerationRequest
 from service import heartbeats
 from service.jobs import JobStore
 from service.settings import Settings, get_settings
