@@ -19,3 +19,19 @@ def test_readme_lists_every_setting_as_the_settings_object_documents_it() -> Non
     ).stdout
     assert table.count("| `MMAUDIO_") > 30
     assert table.strip() in (ROOT / "README.md").read_text()
+
+
+WHOLE_PACKAGES = ("parity", "routes")  # described in README as a whole, not file by file
+
+
+def test_readme_layout_names_every_module() -> None:
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout") : readme.index("## Settings")]
+    modules = [
+        path
+        for package in ("model", "service", "bench")
+        for path in (ROOT / package).rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py") and path.parent.name not in WHOLE_PACKAGES
+    ]
+    missing = [str(p.relative_to(ROOT)) for p in modules if f"{p.name}`" not in layout]
+    assert not missing, f"README's layout does not name: {missing}"
