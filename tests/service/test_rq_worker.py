@@ -26,6 +26,9 @@ from service_harness import (
 
 from model.testkit import make_video
 from service import heartbeats, keys, queue
+from service.jobs import JobStore
+from service.settings import Settings
+from service.storage import RedisStore
 from service.worker.claims import QueueClaims
 
 VARIANT = MAIN_SETTINGS["MMAUDIO_VARIANT"]
@@ -66,6 +69,10 @@ def redis(rq_stack: Stack) -> Iterator[Redis]:
     connection = Redis.from_url(rq_stack.env["MMAUDIO_REDIS_URL"])
     yield connection
     connection.close()
+
+
+def job_store(redis: Redis) -> JobStore:
+    return JobStore(redis, Settings(_env_file=None), RedisStore(redis))
 
 
 def run_rq_worker(stack: Stack, variant: str = VARIANT) -> str:
@@ -132,9 +139,11 @@ def test_rq_task_leaves_alone_entries_not_its_to_run(rq_stack: Stack, client: ht
     model = claimed["model"]  # a claim records the worker's loaded model; the one the API announced will do
     heartbeats.beat(redis, BATCHING_WORKER, {"name": BATCHING_WORKER, "variant": VARIANT, "ready": False}, 600)
     try:
-        assert [job.id for job in QueueClaims(redis, VARIANT, BATCHING_WORKER, 1).claim(1, model)] == [claimed["id"]]
+        batching = QueueClaims(job_store(redis), VARIANT, BATCHING_WORKER, 1)
+        assert [job.id for job in batching.claim(1, model)] == [claimed["id"]]
         retried = client.post("/v1/jobs", json=QUICK).json()
-        assert [job.id for job in QueueClaims(redis, VARIANT, GHOST_WORKER, 1).claim(1, model)] == [retried["id"]]
+        ghost = QueueClaims(job_store(redis), VARIANT, GHOST_WORKER, 1)
+        assert [job.id for job in ghost.claim(1, model)] == [retried["id"]]
         requeued = wait_for_status(client, retried["id"], {"queued"}, timeout=30)
         assert requeued["attempts"] == 1  # its second attempt is queued
         canceled = client.post("/v1/jobs", json=QUICK).json()
