@@ -49,6 +49,7 @@ class MediaInfo:
     has_video: bool
     has_audio: bool
     rotation: int  # counter-clockwise degrees the stored frames must turn for display
+    timestamped: bool = True  # False for a raw elementary stream: its packets cannot be copied into an mp4
 
 
 DEFAULT_RAW_FPS = 25.0  # FFmpeg's own assumption for a raw stream that states no rate
@@ -198,6 +199,7 @@ def probe_video(path: str | Path, limits: ProbeLimits = DEFAULT_LIMITS) -> Media
             has_video=True,
             has_audio=bool(container.streams.audio),
             rotation=rotation,
+            timestamped=frame.pts is not None,
         )
 
 

@@ -180,16 +180,24 @@ def _sync_image(scale: Scaler, display_size: tuple[int, int], config: FrameConfi
     return _center_crop(scale(*_sync_resize(display_size, config)), config.sync_size)
 
 
-def _frames_until(container, stream, end_sec: float) -> Iterator[av.VideoFrame]:
-    """Decoded frames with 0 <= time <= end_sec; decoding stops at the first later frame."""
+def _frames_until(container, stream, end_sec: float) -> Iterator[tuple[float, av.VideoFrame]]:
+    """Decoded frames and their times, 0 <= time <= end_sec; decoding stops at the first later frame. A raw
+    elementary stream (no container) carries no timestamps: its frames are timed by their index at the
+    stream's frame rate, as FFmpeg itself plays them."""
+    rate = stream.guessed_rate
+    index = -1
     for packet in container.demux(stream):
         for frame in packet.decode():
-            if frame.time is None:
-                raise CorruptMediaError("a video frame has no timestamp")
-            if frame.time > end_sec:
+            index += 1
+            time = frame.time
+            if time is None:
+                if not rate:
+                    raise CorruptMediaError("a video frame has no timestamp and the stream no frame rate")
+                time = float(index / rate)
+            if time > end_sec:
                 return
-            if frame.time >= 0:
-                yield frame
+            if time >= 0:
+                yield time, frame
 
 
 def _video_inputs(
@@ -229,8 +237,7 @@ def load_video(
             stream.codec_context.options = dict(config.fast_decoder_options)
         fps = stream.guessed_rate
         try:
-            for frame in _frames_until(container, stream, duration_sec):
-                time = frame.time
+            for time, frame in _frames_until(container, stream, duration_sec):
                 n_clip, n_sync = clip_sampler.count(time), sync_sampler.count(time)
                 if not (n_clip or n_sync):
                     continue  # never converted: e.g. more than half the frames of a 60 fps source

@@ -135,6 +135,7 @@ class MediaSummary(BaseModel):
     fps: float | None = None
     codec: str | None = None
     has_audio: bool | None = None
+    timestamped: bool | None = Field(None, description="False for a raw stream without a container.")
 
 
 class InputInfo(BaseModel):

@@ -324,6 +324,11 @@ def test_probe_measures_a_stream_without_a_container(media: Path) -> None:
     assert probe_video(raw, ProbeLimits(max_counted_seconds=1.0)).duration_sec == pytest.approx(1.04)
     with pytest.raises(MediaTooLargeError):
         probe_video(raw, ProbeLimits(max_width=100, max_height=100))
+    # its frames carry no timestamps: timed by index, they are the frames of the same video in a container
+    boxed = make_video(media / "boxed.mp4", seconds=3.0, fps=25, size=(320, 240))
+    from_raw, from_mp4 = load_video(raw, 8.0), load_video(boxed, 8.0)
+    assert from_raw.duration_sec == from_mp4.duration_sec
+    assert torch.equal(from_raw.clip_u8, from_mp4.clip_u8) and torch.equal(from_raw.sync_u8, from_mp4.sync_u8)
 
 
 def test_mp4_codecs_come_from_the_muxer() -> None:

@@ -43,6 +43,7 @@ def _probe_video(path: Path, settings: Settings) -> MediaSummary:
         fps=float(info.fps) if info.fps else None,
         codec=info.codec,
         has_audio=info.has_audio,
+        timestamped=info.timestamped,
     )
 
 

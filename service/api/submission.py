@@ -70,6 +70,9 @@ def estimate_wait_seconds(redis: Redis, settings: Settings, variant: str) -> int
     return max(1, math.ceil(depth * per_job / max(serving, 1)))
 
 
+NOT_INTO_MP4 = "cannot be copied into an mp4 result; ask for output_format flac, wav or m4a (the audio alone)."
+
+
 class Submitter:
     def __init__(self, redis: Redis, settings: Settings, jobs: JobStore, store: BlobStore, probes: ProbePool) -> None:
         self.redis = redis
@@ -112,11 +115,9 @@ class Submitter:
             media = self.probes.inspect(body.file.path, body.file.field)
             wants_mp4 = (params.output_format or "mp4") == "mp4"
             if kind == "video" and wants_mp4 and media.codec not in probe.mp4_video_codecs():
-                raise ProblemError(
-                    "unsupported-codec",
-                    f"{media.codec} video cannot be copied into an mp4 result; "
-                    "ask for output_format flac, wav or m4a (the audio alone).",
-                )
+                raise ProblemError("unsupported-codec", f"{media.codec} video {NOT_INTO_MP4}")
+            if kind == "video" and wants_mp4 and media.timestamped is False:
+                raise ProblemError("unsupported-codec", f"A {media.codec} stream without a container {NOT_INTO_MP4}")
             input_info = InputInfo(
                 kind=kind, filename=body.file.filename, size=body.file.size, sha256=body.file.sha256, media=media
             )
