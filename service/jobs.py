@@ -342,9 +342,28 @@ class JobStore:
     ) -> UpdateOutcome:
         """Move a job into a terminal status. Once applied the record lives for ``result_ttl_seconds``, its
         upload is deleted and its webhook (if any) becomes due."""
+        outcome = self.end(record.id, allowed, new_status, by_worker=by_worker, at_attempt=at_attempt, **fields)
+        if outcome.applied:
+            if record.upload:
+                self.store.delete(record.upload)
+            if record.webhook:
+                schedule_webhook(self.redis, record.id)
+        return outcome
+
+    def end(
+        self,
+        job_id: str,
+        allowed: tuple[JobStatus, ...],
+        new_status: JobStatus,
+        *,
+        by_worker: str | None = None,
+        at_attempt: int | None = None,
+        **fields: Any,
+    ) -> UpdateOutcome:
+        """The record's part of ``finish``: the terminal status, finish time and result lifetime, nothing else."""
         assert new_status.terminal
-        outcome = self.update(
-            record.id,
+        return self.update(
+            job_id,
             allowed,
             new_status,
             by_worker=by_worker,
@@ -354,12 +373,6 @@ class JobStore:
             progress=None,
             **fields,
         )
-        if outcome.applied:
-            if record.upload:
-                self.store.delete(record.upload)
-            if record.webhook:
-                schedule_webhook(self.redis, record.id)
-        return outcome
 
     def fail_unreadable(self, job_id: str, attempt: int, by_worker: str) -> None:
         """End a job that ``by_worker`` took at ``attempt`` but whose record does not parse: failed with a typed
@@ -367,20 +380,10 @@ class JobStore:
         error = problem_body("unreadable-job", "The job's stored parameters cannot be read; submit it again.")
         running = (JobStatus.running,)
         record = JobRecord.readable(job_id, self.redis.hgetall(keys.job(job_id)))
-        if record is not None:
+        if record is None:
+            self.end(job_id, running, JobStatus.failed, by_worker=by_worker, at_attempt=attempt, error=error)
+        else:
             self.finish(record, running, JobStatus.failed, by_worker=by_worker, at_attempt=attempt, error=error)
-            return
-        self.update(
-            job_id,
-            running,
-            JobStatus.failed,
-            by_worker=by_worker,
-            at_attempt=attempt,
-            expire_seconds=self.settings.result_ttl_seconds,
-            finished_at=time.time(),
-            progress=None,
-            error=error,
-        )
 
     def cancel(self, record: JobRecord) -> JobRecord | None:
         """Cancel a queued job at once; ask a running one to stop at its next progress report."""

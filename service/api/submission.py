@@ -22,10 +22,13 @@ from service.problems import ProblemError
 from service.schemas import (
     EffectiveParams,
     InputInfo,
+    InputKind,
     JobParams,
     JobStatus,
+    MediaSummary,
     ModelInfo,
     Progress,
+    ResultFormat,
     WebhookState,
     WeightsInfo,
 )
@@ -73,6 +76,19 @@ def estimate_wait_seconds(redis: Redis, settings: Settings, variant: str) -> int
 NOT_INTO_MP4 = "cannot be copied into an mp4 result; ask for output_format flac, wav or m4a (the audio alone)."
 
 
+def output_format(params: JobParams, kind: InputKind) -> ResultFormat:
+    """The job's result format: the client's, else mp4 for a video and flac otherwise."""
+    return params.output_format or ("mp4" if kind == "video" else "flac")
+
+
+def check_copyable_into_mp4(media: MediaSummary) -> None:
+    """An mp4 result copies the upload's video stream: refuse now what the mux would refuse later."""
+    if media.codec not in probe.mp4_video_codecs():
+        raise ProblemError("unsupported-codec", f"{media.codec} video {NOT_INTO_MP4}")
+    if media.timestamped is False:
+        raise ProblemError("unsupported-codec", f"A {media.codec} stream without a container {NOT_INTO_MP4}")
+
+
 class Submitter:
     def __init__(self, redis: Redis, settings: Settings, jobs: JobStore, store: BlobStore, probes: ProbePool) -> None:
         self.redis = redis
@@ -113,11 +129,8 @@ class Submitter:
         input_info = InputInfo(kind=kind)
         if body.file is not None:
             media = self.probes.inspect(body.file.path, body.file.field)
-            wants_mp4 = (params.output_format or "mp4") == "mp4"
-            if kind == "video" and wants_mp4 and media.codec not in probe.mp4_video_codecs():
-                raise ProblemError("unsupported-codec", f"{media.codec} video {NOT_INTO_MP4}")
-            if kind == "video" and wants_mp4 and media.timestamped is False:
-                raise ProblemError("unsupported-codec", f"A {media.codec} stream without a container {NOT_INTO_MP4}")
+            if kind == "video" and output_format(params, kind) == "mp4":
+                check_copyable_into_mp4(media)
             input_info = InputInfo(
                 kind=kind, filename=body.file.filename, size=body.file.size, sha256=body.file.sha256, media=media
             )
@@ -186,7 +199,7 @@ class Submitter:
             **params.model_dump(exclude={"seed", "variant", "output_format", "webhook_url"}),
             seed=seed,
             variant=variant,
-            output_format=params.output_format or ("mp4" if input_info.kind == "video" else "flac"),
+            output_format=output_format(params, input_info.kind),
         )
         upload = None
         if body.file is not None:
