@@ -14,6 +14,7 @@ Requests with the same sequence lengths and step count run as one batch.  Nothin
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,7 +41,24 @@ if TYPE_CHECKING:  # model.build makes Pipelines, so it imports this module
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, float], None]  # (stage, fraction done); raising from it stops the generation
+
+@dataclass(frozen=True)
+class StepDetail:
+    """Where sampling is: window ``window`` of ``windows`` (1-based; one window unless the request is longer
+    than the variant's training length), step ``step`` of ``steps`` within it."""
+
+    window: int
+    windows: int
+    step: int
+    steps: int
+
+
+# (stage, fraction done of the stage, detail while sampling); raising from it stops the generation
+ProgressCallback = Callable[[str, float, StepDetail | None], None]
+
+
+def _no_progress(stage: str, fraction: float, detail: StepDetail | None) -> None:
+    pass
 
 
 class Cancelled(Exception):
@@ -136,7 +154,8 @@ class Pipeline:
         frames = None
         duration = request.duration
         if request.video is not None:
-            frames = load_video(request.video, request.duration, frame_path=self.frame_path)
+            wanted = math.inf if request.duration is None else request.duration
+            frames = load_video(request.video, wanted, frame_path=self.frame_path)
             duration = frames.duration_sec
         elif request.image is not None:
             frames = load_image(request.image, request.duration)
@@ -259,11 +278,11 @@ class Pipeline:
         self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
     ) -> list[GenerationResult]:
         """Results in request order; requests with equal lengths and step counts share one batched pass."""
-        report = progress or (lambda stage, fraction: None)
+        report = progress or _no_progress
         prepared = []
         for i, request in enumerate(requests):
             prepared.append(self.prepare(request))
-            report("video", (i + 1) / len(requests))
+            report("video", (i + 1) / len(requests), None)
         return self.generate_prepared(prepared, report)
 
     @torch.inference_mode()
@@ -271,7 +290,7 @@ class Pipeline:
         self, prepared: Sequence[PreparedRequest], progress: ProgressCallback | None = None
     ) -> list[GenerationResult]:
         """The GPU part for requests already prepared (a worker decodes the next jobs while this runs)."""
-        report = progress or (lambda stage, fraction: None)
+        report = progress or _no_progress
         start = time.perf_counter()
         groups: dict[tuple[SequenceLengths, int], list[int]] = {}
         for i, p in enumerate(prepared):
@@ -288,23 +307,25 @@ class Pipeline:
 
     def _generate_group(self, batch: Sequence[PreparedRequest], report: ProgressCallback) -> list[GenerationResult]:
         num_steps = batch[0].request.num_steps
-        report("features", 0.0)
+        report("features", 0.0, None)
         features = self.encode(batch)
         timings = dict(features.timings)
-        report("features", 1.0)
+        report("features", 1.0, None)
         with _stage(timings, "sampling", self.device):
             x0 = self.initial_noise(batch)
             cfg = torch.tensor([p.request.cfg_strength for p in batch for _ in range(p.request.num_samples)])
-            report("sampling", 0.0)
-            latents = self.sample(
-                features, x0, num_steps, cfg, lambda i, t, x, v: report("sampling", (i + 1) / num_steps)
-            )
-        report("decoding", 0.0)
+            report("sampling", 0.0, StepDetail(1, 1, 0, num_steps))
+
+            def on_step(i: int, t: Tensor, x: Tensor, v: Tensor) -> None:
+                report("sampling", (i + 1) / num_steps, StepDetail(1, 1, i + 1, num_steps))
+
+            latents = self.sample(features, x0, num_steps, cfg, on_step)
+        report("decoding", 0.0, None)
         with _stage(timings, "vae", self.device):
             mel = self.vae.decode(self.flow.unnormalize(latents).to(self.decoder_dtype))
         with _stage(timings, "vocoder", self.device):
             waveform = self.vocoder(mel).float().cpu()[:, 0]
-        report("decoding", 1.0)
+        report("decoding", 1.0, None)
 
         results, row = [], 0
         for p in batch:
@@ -347,7 +368,10 @@ class Pipeline:
 
 def validate(request: GenerationRequest) -> None:
     """Reject requests the model cannot run (the service checks its own, tighter limits first)."""
-    if not request.duration > 0:
+    if request.duration is None:
+        if request.video is None:
+            raise ValueError("a duration is needed without a video (none means the whole video)")
+    elif not request.duration > 0:
         raise ValueError(f"duration must be positive, got {request.duration}")
     if request.num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {request.num_steps}")

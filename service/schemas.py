@@ -126,6 +126,10 @@ class EffectiveParams(BaseModel):
 class Progress(BaseModel):
     stage: str = Field(description="queued, video, features, sampling, decoding, encoding or done.")
     fraction: float = Field(description="Share of the stage done, 0 to 1.")
+    window: int | None = Field(None, description="While sampling: the window being sampled (1-based).")
+    windows: int | None = Field(None, description="While sampling: how many windows the job has.")
+    step: int | None = Field(None, description="While sampling: steps done in the current window.")
+    steps: int | None = Field(None, description="While sampling: steps per window.")
 
 
 class MediaSummary(BaseModel):

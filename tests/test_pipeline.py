@@ -11,7 +11,7 @@ import torch
 
 from model.build import Architecture, load_pipeline, pipeline_from_files, tiny_pipeline
 from model.checkpoint import CheckpointError
-from model.pipeline import Cancelled, Pipeline
+from model.pipeline import Cancelled, Pipeline, StepDetail
 from model.recipe import synth_module_state_dict
 from model.request import GenerationRequest
 from model.testkit import make_image, make_video
@@ -107,12 +107,14 @@ def test_num_samples_draws_distinct_samples(pipe: Pipeline) -> None:
 
 
 def test_progress_reports_every_step_and_can_cancel(pipe: Pipeline) -> None:
-    seen: list[tuple[str, float]] = []
-    pipe.generate(request(num_steps=4), progress=lambda stage, fraction: seen.append((stage, fraction)))
-    assert [f for s, f in seen if s == "sampling"] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert seen[-1] == ("decoding", 1.0)
+    seen: list[tuple[str, float, StepDetail | None]] = []
+    pipe.generate(request(num_steps=4), progress=lambda *report: seen.append(report))
+    assert [f for s, f, _ in seen if s == "sampling"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert [d.step for s, _, d in seen if s == "sampling"] == [0, 1, 2, 3, 4]
+    assert {(d.window, d.windows, d.steps) for s, _, d in seen if s == "sampling"} == {(1, 1, 4)}
+    assert seen[-1] == ("decoding", 1.0, None)
 
-    def cancel_at_half(stage: str, fraction: float) -> None:
+    def cancel_at_half(stage: str, fraction: float, detail: StepDetail | None) -> None:
         if stage == "sampling" and fraction >= 0.5:
             raise Cancelled
 

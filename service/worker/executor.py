@@ -18,10 +18,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from redis import Redis
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from model.media_errors import MediaError
-from model.pipeline import Cancelled, GenerationResult, Pipeline, PreparedRequest
+from model.pipeline import Cancelled, GenerationResult, Pipeline, PreparedRequest, ProgressCallback, StepDetail
 from model.request import REQUEST_PARAMETERS, GenerationRequest
 from service import keys, queue
 from service.jobs import JobRecord, JobStore, UpdateOutcome
@@ -221,13 +221,13 @@ class JobExecutor:
             return {}
         return {job.record.id: output for job, output in zip(group, outputs, strict=True) if not job.ended}
 
-    def _progress(self, group: list[ActiveJob]) -> Callable[[str, float], None]:
+    def _progress(self, group: list[ActiveJob]) -> ProgressCallback:
         """The pipeline's progress callback for a group: reports to each live job and ends the ones that were
         canceled, ran out of time or were taken away; stops the pass when none is left."""
 
-        def report(stage: str, fraction: float) -> None:
+        def report(stage: str, fraction: float, detail: StepDetail | None) -> None:
             live = [job for job in group if not job.ended]
-            outcomes = self._publish_progress(live, stage, fraction)
+            outcomes = self._publish_progress(live, stage, fraction, detail)
             now = time.monotonic()
             for job, outcome in zip(live, outcomes, strict=True):
                 if not outcome.applied:
@@ -298,9 +298,11 @@ class JobExecutor:
         )
         return outcome.applied
 
-    def _publish_progress(self, jobs: list[ActiveJob], stage: str, fraction: float) -> list[UpdateOutcome]:
+    def _publish_progress(
+        self, jobs: list[ActiveJob], stage: str, fraction: float, detail: StepDetail | None = None
+    ) -> list[UpdateOutcome]:
         """Write and announce the progress of jobs of this worker, in one round trip."""
-        progress = {"stage": stage, "fraction": round(fraction, 4)}
+        progress = {"stage": stage, "fraction": round(fraction, 4)} | (asdict(detail) if detail else {})
         return self.jobs.update_owned(
             [job.owned for job in jobs], RUNNING, self.worker_name, event="progress", progress=progress
         )
