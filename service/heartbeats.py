@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import ResponseError
 
 from service import keys
 
@@ -26,6 +27,17 @@ def forget(redis: Redis, name: str) -> None:
 
 def is_alive(redis: Redis, name: str) -> bool:
     return bool(redis.exists(keys.worker(name)))
+
+
+def silence_means_death(redis: Redis, ttl_seconds: float) -> bool:
+    """Whether a missing heartbeat means a dead worker now. Not until Redis has run for a heartbeat's lifetime:
+    heartbeats that expired while it was down (or were lost with it) say nothing of the workers, which beat
+    again within an interval of its return. Without INFO (a restricted managed Redis) missing means dead."""
+    try:
+        uptime = redis.info("server")["uptime_in_seconds"]
+    except ResponseError:
+        return True
+    return float(uptime) >= ttl_seconds
 
 
 def live_workers(redis: Redis) -> list[dict[str, Any]]:

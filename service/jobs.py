@@ -344,11 +344,15 @@ class JobStore:
         upload is deleted and its webhook (if any) becomes due."""
         outcome = self.end(record.id, allowed, new_status, by_worker=by_worker, at_attempt=at_attempt, **fields)
         if outcome.applied:
-            if record.upload:
-                self.store.delete(record.upload)
-            if record.webhook:
-                schedule_webhook(self.redis, record.id)
+            self.settle(record)
         return outcome
+
+    def settle(self, record: JobRecord) -> None:
+        """What follows a job's end (``finish``'s second part): its upload deleted, its webhook due. Repeatable."""
+        if record.upload:
+            self.store.delete(record.upload)
+        if record.webhook:
+            schedule_webhook(self.redis, record.id)
 
     def end(
         self,

@@ -63,6 +63,7 @@ PROBLEMS = _catalogue(
     ProblemType("timeout", 504, "The job ran longer than the service allows"),
     ProblemType("generation-failed", 500, "The model failed to generate audio"),
     ProblemType("unreadable-job", 500, "The job's stored record cannot be read"),
+    ProblemType("redis-unavailable", 503, "Redis was unreachable for too long while the job needed it"),
 )
 
 

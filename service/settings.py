@@ -152,6 +152,19 @@ class Settings(BaseSettings):
     maintenance_interval_seconds: float = Field(
         1.0, gt=0, description="How often the API looks for abandoned jobs, due webhooks and expired files."
     )
+    worker_stable_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="How long a worker must run after its model loaded (and warmed up) before it counts as ready "
+        "in `/readyz`: a worker that keeps crashing sooner never makes the service ready.",
+    )
+    worker_redis_retry_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="How long a worker retries a running job's input fetch and result storage while Redis is "
+        "unreachable before the job fails (`redis-unavailable`); the job's final status is retried until Redis "
+        "answers.",
+    )
 
     # --- storage ------------------------------------------------------------------------------------------------
     storage: Literal["redis", "filesystem"] = Field(

@@ -39,7 +39,9 @@ class Maintenance:
     def reap_abandoned(self) -> list[str]:
         """Running jobs whose worker's heartbeat expired: queue them again (once, if allowed) or fail them.
         Returns the ids handled."""
-        handled = []
+        handled: list[str] = []
+        if not heartbeats.silence_means_death(self.redis, self.settings.worker_ttl_seconds):
+            return handled  # Redis just (re)started: its workers have not had the time to beat yet
         for job_id in self.jobs.running_ids():
             record = self.jobs.get(job_id)
             if record is None or record.status is not JobStatus.running:

@@ -22,6 +22,7 @@ from typing import Any
 from service import keys, queue
 from service.jobs import CHANGE_JOB_LUA, JobRecord, JobStore, encode_fields
 from service.schemas import ModelInfo
+from service.worker.outages import persist
 
 # Lua functions of both scripts.
 #   queued_jobs: the valid entries of the queue in order, each {entry, id, attempt, duration, steps, samples,
@@ -180,13 +181,18 @@ class QueueClaims:
         )
         owned = [queue.parse_rq_job_id(entry.decode()) for entry in batch]
         now = time.time()
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id, _ in owned:
-                pipe.hgetall(keys.job(job_id))
-            if owned:  # the recent claims are the queue's measured drain rate (Retry-After of a full queue)
-                pipe.zadd(self.claims_key, {job_id: now for job_id, _ in owned})
-                pipe.zremrangebyscore(self.claims_key, "-inf", now - self.jobs.settings.drain_window_seconds)
-            raws = pipe.execute()[: len(owned)]
+
+        def read_claimed() -> list:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in owned:
+                    pipe.hgetall(keys.job(job_id))
+                if owned:  # the recent claims are the queue's measured drain rate (Retry-After of a full queue)
+                    pipe.zadd(self.claims_key, {job_id: now for job_id, _ in owned})
+                    pipe.zremrangebyscore(self.claims_key, "-inf", now - self.jobs.settings.drain_window_seconds)
+                return pipe.execute()[: len(owned)]
+
+        # the jobs are ours now: an outage must not lose them between the claim and this read
+        raws = persist(read_claimed, "reading claimed jobs", self.jobs.settings.redis_reconnect_max_seconds)
         records: list[JobRecord] = []
         broken = [queue.parse_rq_job_id(entry.decode()) for entry in unreadable]
         for (job_id, attempt), raw in zip(owned, raws, strict=True):

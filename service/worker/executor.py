@@ -18,12 +18,12 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from redis import Redis
@@ -40,8 +40,11 @@ from service.problems import problem_body
 from service.results import Results
 from service.schemas import JobStatus, ModelInfo, WeightsInfo
 from service.storage import BlobStore
+from service.worker.outages import REDIS_DOWN, BestEffort, persist
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 RUNNING = (JobStatus.running,)
 JOB_SECONDS_SMOOTHING = 0.2  # weight of the newest job in the moving average behind Retry-After
@@ -97,6 +100,8 @@ def release_cached_memory() -> None:
 def problem_of(err: Exception) -> dict[str, Any]:
     if isinstance(err, MediaError):
         return problem_body(media_problem(err), str(err))
+    if isinstance(err, REDIS_DOWN):
+        return problem_body("redis-unavailable", f"{type(err).__name__}: {err}")
     return problem_body("generation-failed", f"{type(err).__name__}: {err}")
 
 
@@ -114,6 +119,7 @@ class JobExecutor:
         self._timeout_problem = problem_body(
             "timeout", f"the job ran longer than {self.settings.job_timeout_seconds:g} s"
         )
+        self._progress_writes = BestEffort(self.settings.redis_reconnect_max_seconds)  # main thread only
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(variant=self.pipeline.variant, weights=WeightsInfo(**self.pipeline.weights_info))
@@ -132,7 +138,10 @@ class JobExecutor:
             media = None
             if record.upload is not None:
                 suffix = Path(record.input.filename or "").suffix
-                media = resources.enter_context(self.store.local_path(record.upload, suffix))
+                local = self.store.local_path
+                media = self._retried(
+                    lambda: resources.enter_context(local(record.upload, suffix)), f"fetching job {record.id}'s upload"
+                )
             fetched = time.perf_counter() - started
             prepared = self.pipeline.prepare(self._request(record, media))
         except BaseException:
@@ -188,7 +197,7 @@ class JobExecutor:
     def _prepare(self, job: ActiveJob, ahead: Future[JobInput] | None) -> None:
         """The job's input, from the prefetcher or decoded now; a job whose input fails ends here, alone."""
         try:
-            job.input = ahead.result() if ahead is not None else self.prepare_input(job.record)
+            job.input = self._input(job.record, ahead)
         except Exception as err:
             if not isinstance(err, MediaError):
                 log.exception("job %s: its input failed", job.record.id)
@@ -196,6 +205,14 @@ class JobExecutor:
             return
         job.timings["input"] = job.input.fetch_seconds
         job.timings["prepared_ahead"] = job.input.ahead
+
+    def _input(self, record: JobRecord, ahead: Future[JobInput] | None) -> JobInput:
+        if ahead is not None:
+            try:
+                return ahead.result()
+            except REDIS_DOWN as err:  # no fault of the job's: prepared again, now with retries
+                log.warning("job %s: Redis unreachable while its input was prepared ahead (%s)", record.id, err)
+        return self.prepare_input(record)
 
     def _generate_group(self, group: list[ActiveJob]) -> dict[str, GenerationResult]:
         try:
@@ -227,13 +244,17 @@ class JobExecutor:
 
         def report(stage: str, fraction: float, detail: StepDetail | None) -> None:
             live = [job for job in group if not job.ended]
-            outcomes = self._publish_progress(live, stage, fraction, detail)
+            # while Redis is down the pass goes on unreported: no answer, so only the deadlines are checked
+            answers = self._progress_writes.call(
+                lambda: self._publish_progress(live, stage, fraction, detail), "reporting progress"
+            )
+            outcomes = answers or [None] * len(live)
             now = time.monotonic()
             for job, outcome in zip(live, outcomes, strict=True):
-                if not outcome.applied:
+                if outcome is not None and not outcome.applied:
                     log.warning("job %s attempt %d was taken from this worker; dropped", *job.owned)
                     job.ended = True
-                elif outcome.cancel_requested:
+                elif outcome is not None and outcome.cancel_requested:
                     self._end(job, JobStatus.canceled)
                 elif now > job.deadline:
                     self._end(job, JobStatus.failed, error=self._timeout_problem)
@@ -257,18 +278,23 @@ class JobExecutor:
 
     def _complete(self, job: ActiveJob, result: GenerationResult) -> None:
         assert job.input is not None
+        media = job.input.media
         try:
-            if not self._publish_progress([job], "encoding", 0.0)[0].applied:
+            encoding = self._retried(lambda: self._publish_progress([job], "encoding", 0.0), "reporting progress")
+            if not encoding[0].applied:
                 raise JobLost(job.record.id)
             started = time.perf_counter()
-            result_info = self.results.store_job(
-                job.record.id,
-                job.record.params.output_format,
-                result.audio,
-                result.sample_rate,
-                result.duration,
-                job.input.media,
-                self.settings.result_ttl_seconds,
+            result_info = self._retried(
+                lambda: self.results.store_job(
+                    job.record.id,
+                    job.record.params.output_format,
+                    result.audio,
+                    result.sample_rate,
+                    result.duration,
+                    media,
+                    self.settings.result_ttl_seconds,
+                ),
+                f"storing job {job.record.id}'s result",
             )
             job.timings["encode"] = time.perf_counter() - started
         except JobLost:
@@ -282,21 +308,44 @@ class JobExecutor:
         job.timings["batch_size"] = result.metadata["batch_size"]
         job.timings["total"] = time.time() - job.record.created_at
         if self._end(job, JobStatus.succeeded, result=result_info):
-            self._record_metrics(job.record.variant, job.timings)
+            try:
+                self._record_metrics(job.record.variant, job.timings)
+            except REDIS_DOWN as err:  # the job is done; its share of the metrics is not worth a wait
+                log.warning("job %s: metrics not recorded (%s)", job.record.id, err)
+
+    def _retried(self, call: Callable[[], T], doing: str) -> T:
+        """``call()`` retried while Redis is down, for `worker_redis_retry_seconds` at most."""
+        return persist(call, doing, self.settings.redis_reconnect_max_seconds, self.settings.worker_redis_retry_seconds)
 
     def _end(self, job: ActiveJob, status: JobStatus, **fields: Any) -> bool:
-        """Move a job of this worker into a terminal status; returns whether it was still ours to end."""
+        """Move a job of this worker into a terminal status; returns whether it was still ours to end.
+
+        Retried until Redis answers: a job of a live worker must never stay `running`. When a try's reply is
+        lost, the next try finds the job in ``status`` already, which counts as ours: the write is fenced by
+        worker and attempt, so only ours, the reaper's or a later attempt's end could have set it, and theirs
+        settle the job the same way."""
         job.ended = True
-        outcome = self.jobs.finish(
-            job.record,
-            RUNNING,
-            status,
-            by_worker=self.worker_name,
-            at_attempt=job.record.attempts,
-            timings=job.timings,
-            **fields,
-        )
-        return outcome.applied
+        tries = 0
+
+        def end() -> UpdateOutcome:
+            nonlocal tries
+            tries += 1
+            return self.jobs.end(
+                job.record.id,
+                RUNNING,
+                status,
+                by_worker=self.worker_name,
+                at_attempt=job.record.attempts,
+                timings=job.timings,
+                **fields,
+            )
+
+        max_delay = self.settings.redis_reconnect_max_seconds
+        outcome = persist(end, f"ending job {job.record.id}", max_delay)
+        ours = outcome.applied or (tries > 1 and outcome.status is status)
+        if ours:
+            persist(lambda: self.jobs.settle(job.record), f"settling job {job.record.id}", max_delay)
+        return ours
 
     def _publish_progress(
         self, jobs: list[ActiveJob], stage: str, fraction: float, detail: StepDetail | None = None

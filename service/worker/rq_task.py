@@ -68,8 +68,7 @@ def resident() -> Resident:
     executor = JobExecutor(redis, jobs, store, pipeline, name)
     heartbeat = Heartbeat(redis, name, settings)
     heartbeat.executor = executor
-    heartbeat.info["ready"] = True
-    heartbeat.beat()
+    heartbeat.loaded()
     heartbeat.start()  # a daemon thread: it stops beating when the process ends
     log.info("RQ worker process %s: %s (%s weights) loaded", name, settings.variant, settings.weights)
     return Resident(name, jobs, executor)

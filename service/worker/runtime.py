@@ -25,8 +25,6 @@ from typing import Any
 
 import torch
 from redis import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from model import build
 from model.pipeline import Pipeline
@@ -38,16 +36,22 @@ from service.storage import make_store
 from service.weights import ensure_weights
 from service.worker.claims import QueueClaims
 from service.worker.executor import JobExecutor
+from service.worker.outages import REDIS_DOWN, RedisOutage
 from service.worker.prefetch import Prefetcher
 
 log = logging.getLogger("service.worker")
 
 WARMUP_SECONDS = 1.0
 IDLE_WAIT_SECONDS = 1.0  # an idle worker looks at its stop flag this often
+REDIS_CONNECT_TIMEOUT_SECONDS = 5.0  # an unreachable host fails a try this soon instead of after minutes
 
 
 class Heartbeat(threading.Thread):
-    """Renews the worker's heartbeat key every `worker_heartbeat_seconds` with its current state."""
+    """Renews the worker's heartbeat key every `worker_heartbeat_seconds` with its current state.
+
+    A worker is `ready` (what /readyz counts) once it has run `worker_stable_seconds` since its model loaded
+    and warmed up (`loaded_at`): the key of a worker that dies sooner, as one crash-looping under a supervisor
+    does, never says ready, and expires with its TTL."""
 
     def __init__(self, redis: Redis, name: str, settings: Settings) -> None:
         super().__init__(name="mmaudio-heartbeat", daemon=True)
@@ -64,20 +68,41 @@ class Heartbeat(threading.Thread):
             "weights": settings.weights,
             "ready": False,
             "started_at": time.time(),
+            "loaded_at": None,
         }
         self._stop_event = threading.Event()
 
+    def loaded(self) -> None:
+        """The model is loaded and warmed up: the worker becomes ready once it has stayed up long enough."""
+        self.info["loaded_at"] = time.time()
+        self.beat()
+
+    def _stable_in(self) -> float | None:
+        """Seconds until the loaded worker has run `worker_stable_seconds`; None before loading."""
+        loaded_at = self.info["loaded_at"]
+        return None if loaded_at is None else loaded_at + self.settings.worker_stable_seconds - time.time()
+
     def beat(self) -> None:
+        stable_in = self._stable_in()
+        self.info["ready"] = stable_in is not None and stable_in <= 0
         self.info["jobs"] = self.executor.held_jobs() if self.executor else []
         self.info["ahead"] = self.prefetcher.ready_jobs() if self.prefetcher else []
         heartbeats.beat(self.redis, self.name_in_redis, self.info, self.settings.worker_ttl_seconds)
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.settings.worker_heartbeat_seconds):
+        while not self._stop_event.wait(self._next_beat_in()):
             try:
                 self.beat()
-            except Exception:  # keep beating through a Redis hiccup
+            except REDIS_DOWN as err:  # keep beating through an outage; the worker waits it out
+                log.warning("heartbeat failed: Redis unreachable (%s)", err)
+            except Exception:
                 log.exception("heartbeat failed")
+
+    def _next_beat_in(self) -> float:
+        """The beat interval, shorter once so that readiness is announced as soon as it is reached."""
+        stable_in = self._stable_in()
+        interval = self.settings.worker_heartbeat_seconds
+        return interval if self.info["ready"] or stable_in is None else min(interval, max(stable_in, 0.0) + 0.01)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -101,43 +126,10 @@ def warm_up(pipeline: Pipeline) -> None:
     pipeline.generate(GenerationRequest(duration=WARMUP_SECONDS, num_steps=1))
 
 
-class RedisOutage:
-    """Waits out an unreachable Redis: the worker keeps its model and retries with capped exponential backoff
-    instead of exiting (a supervisor's restart would only reload the model into the same outage)."""
-
-    FIRST_DELAY_SECONDS = 0.25
-
-    def __init__(self, max_delay_seconds: float) -> None:
-        self.max_delay_seconds = max_delay_seconds
-        self.delay = 0.0
-
-    def wait(self, err: Exception) -> None:
-        self.delay = min(self.max_delay_seconds, max(self.FIRST_DELAY_SECONDS, 2 * self.delay))
-        log.warning("Redis unreachable (%s); retrying in %.2f s", err, self.delay)
-        time.sleep(self.delay)
-
-    def ended(self) -> None:
-        if self.delay:
-            log.info("Redis reachable again")
-        self.delay = 0.0
-
-    def wait_until_reachable(self, redis: Redis) -> None:
-        while True:
-            try:
-                redis.ping()
-            except (RedisConnectionError, RedisTimeoutError) as err:
-                self.wait(err)
-                continue
-            self.ended()
-            return
-
-
 class WorkerLoop:
     """The main thread: claim a batch, run it, hand its results to the finisher; until asked to stop."""
 
-    def __init__(
-        self, claims: QueueClaims, executor: JobExecutor, prefetcher: Prefetcher, settings: Settings
-    ) -> None:
+    def __init__(self, claims: QueueClaims, executor: JobExecutor, prefetcher: Prefetcher, settings: Settings) -> None:
         self.claims = claims
         self.executor = executor
         self.prefetcher = prefetcher
@@ -161,7 +153,7 @@ class WorkerLoop:
                         self.prefetcher.set_busy(False)
                         self.claims.wait_for_work(IDLE_WAIT_SECONDS)
                     self.outage.ended()
-                except (RedisConnectionError, RedisTimeoutError) as err:
+                except REDIS_DOWN as err:
                     self.outage.wait(err)
                     continue
                 if not records:
@@ -178,7 +170,7 @@ class WorkerLoop:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
-    redis = Redis.from_url(settings.redis_address)
+    redis = Redis.from_url(settings.redis_address, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS)
     name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     heartbeat = Heartbeat(redis, name, settings)
     RedisOutage(settings.redis_reconnect_max_seconds).wait_until_reachable(redis)
@@ -209,8 +201,7 @@ def main() -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, loop.request_stop)
         heartbeat.executor, heartbeat.prefetcher = executor, prefetcher
-        heartbeat.info["ready"] = True
-        heartbeat.beat()
+        heartbeat.loaded()
         loop.run()
     finally:
         if prefetcher is not None:

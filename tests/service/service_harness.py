@@ -65,10 +65,12 @@ def redis_ping(port: int) -> bool:
         return False
 
 
-def start_redis(port: int, folder: Path) -> subprocess.Popen:
-    """A real redis-server on ``port`` (no persistence), once it answers."""
+def start_redis(port: int, folder: Path, aof: bool = False) -> subprocess.Popen:
+    """A real redis-server on ``port``, once it answers: without persistence, or (``aof``) with an append-only
+    file in ``folder`` synced at every write, so that a restart on the same folder loses nothing."""
     command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""]
-    process = subprocess.Popen([*command, "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
+    process = subprocess.Popen([*command, *persistence], stdout=subprocess.DEVNULL)
     wait_until(lambda: redis_ping(port), 20, "redis-server")
     return process
 
@@ -193,7 +195,9 @@ class Stack:
 
 def make_stack(redis_server: str, folder: Path, name: str, database: int, settings: dict[str, str]) -> Stack:
     env = {key: value for key, value in os.environ.items() if not key.startswith("MMAUDIO_")}
-    env |= {"MMAUDIO_REDIS_URL": f"{redis_server}/{database}", "PYTHONUNBUFFERED": "1", **settings}
+    # a worker counts as ready 1 s after its warm-up here (10 s by default), so that stacks start quickly
+    env |= {"MMAUDIO_REDIS_URL": f"{redis_server}/{database}", "PYTHONUNBUFFERED": "1"}
+    env |= {"MMAUDIO_WORKER_STABLE_SECONDS": "1", **settings}
     folder.mkdir(parents=True, exist_ok=True)
     return Stack(name, env, folder)
 

@@ -24,6 +24,7 @@ def serve_env(tmp_path: Path, port: int, **settings: str) -> dict[str, str]:
         "MMAUDIO_PORT": str(port),
         "MMAUDIO_REDIS_PORT": str(free_port()),
         "MMAUDIO_DATA_DIR": str(tmp_path / "data"),
+        "MMAUDIO_WORKER_STABLE_SECONDS": "1",
         **settings,
     }
 

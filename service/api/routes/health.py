@@ -19,7 +19,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: Redis answers and a worker has its model loaded")
+@router.get("/readyz", summary="Readiness: Redis answers and a worker has run past its warm-up")
 def readyz(request: Request) -> JSONResponse:
     state = app_state(request)
     try:
@@ -29,7 +29,8 @@ def readyz(request: Request) -> JSONResponse:
         raise ProblemError("service-unavailable", f"Redis is unreachable: {err}") from err
     ready = [info for info in live if info["ready"]]
     if not ready:
-        detail = f"{len(live)} worker(s) alive, none has its model loaded yet" if live else "no live worker"
+        # a worker is ready once it has run MMAUDIO_WORKER_STABLE_SECONDS with its model loaded (its heartbeat)
+        detail = f"{len(live)} worker(s) alive, none loaded and stable yet" if live else "no live worker"
         raise ProblemError("service-unavailable", detail, {"Retry-After": "5"}, workers=len(live))
     variants = sorted({info["variant"] for info in ready})
     return JSONResponse({"status": "ready", "workers": len(ready), "variants": variants})
