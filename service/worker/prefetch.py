@@ -17,6 +17,7 @@ from service import queue
 from service.jobs import JobRecord, JobStore
 from service.worker.claims import QueueClaims
 from service.worker.executor import JobExecutor, JobInput
+from service.worker.outages import BestEffort
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Prefetcher(threading.Thread):
         self._stop_event = threading.Event()
         self._ahead: dict[str, Future[JobInput]] = {}  # queue entry -> its input
         self._lock = threading.Lock()
+        self._reserving = BestEffort(jobs.settings.redis_reconnect_max_seconds)  # waits out an outage quietly
 
     def set_busy(self, busy: bool) -> None:
         """The worker started running batches (prefetch), or found nothing to claim (drop what is held: none
@@ -79,8 +81,8 @@ class Prefetcher(threading.Thread):
             if not self._busy.wait(IDLE_CHECK_SECONDS):
                 continue
             try:
-                self._prefetch()
-            except Exception:  # a Redis hiccup: the worker decodes what it claims itself
+                self._reserving.call(self._prefetch, "reserving the next batch")
+            except Exception:  # the worker decodes what it claims itself
                 log.exception("prefetch failed")
             self._stop_event.wait(RESERVE_INTERVAL_SECONDS)
 

@@ -22,7 +22,6 @@ from service_harness import (
     MAIN_SETTINGS,
     QUICK,
     REPO,
-    SLOW,
     START_TIMEOUT,
     WAIT,
     Process,
@@ -59,6 +58,7 @@ FAULT_SETTINGS = {
     "MMAUDIO_UNAVAILABLE_RETRY_SECONDS": RETRY_AFTER,
     "MMAUDIO_REDIS_RECONNECT_MAX_SECONDS": "1",
 }
+RUNNING = {"duration": 1.0, "num_steps": 60}  # caught mid-sampling; done in seconds on an idle machine
 RECOVERIES: dict[str, float] = {}
 
 
@@ -155,7 +155,7 @@ def test_jobs_survive_a_redis_restart_from_its_append_only_file(tmp_path: Path) 
     try:
         with stack.running(1), httpx.Client(base_url=stack.url, timeout=CLIENT_TIMEOUT) as client:
             worker = stack.workers[0]
-            running = client.post("/v1/jobs", json=SLOW).json()
+            running = client.post("/v1/jobs", json=RUNNING).json()
             queued = [client.post("/v1/jobs", json={**QUICK, "seed": seed}).json() for seed in range(3)]
             sampling = wait_for_sampling(client, running["id"])
 
@@ -268,7 +268,7 @@ def test_killed_worker_api_and_launcher_lose_no_job(tmp_path: Path) -> None:
         wait_until(answers(f"{url}/readyz"), START_TIMEOUT, "the service to be ready", interval=0.25)
 
         # worker SIGKILL mid-job: the launcher restarts it, the reaper queues the job again, it succeeds
-        running = client.post("/v1/jobs", json=SLOW).json()
+        running = client.post("/v1/jobs", json=RUNNING).json()
         queued = [client.post("/v1/jobs", json={**QUICK, "seed": seed}).json() for seed in range(2)]
         wait_for_sampling(client, running["id"])
         os.kill(children_by_role(launcher)["worker"], signal.SIGKILL)
@@ -282,7 +282,7 @@ def test_killed_worker_api_and_launcher_lose_no_job(tmp_path: Path) -> None:
         all_succeed(client, queued, attempts=1)
 
         # API SIGKILL while a job runs: the launcher restarts the API, the job never notices
-        running = client.post("/v1/jobs", json=SLOW).json()
+        running = client.post("/v1/jobs", json=RUNNING).json()
         wait_for_sampling(client, running["id"])
         os.kill(children_by_role(launcher)["api"], signal.SIGKILL)
         killed = time.monotonic()
@@ -292,7 +292,7 @@ def test_killed_worker_api_and_launcher_lose_no_job(tmp_path: Path) -> None:
 
         # launcher SIGKILL: its children die with it (the worker after storing its running job's result), the
         # queued jobs wait in Redis, and a new launcher runs them
-        running = client.post("/v1/jobs", json=SLOW).json()
+        running = client.post("/v1/jobs", json=RUNNING).json()
         queued = [client.post("/v1/jobs", json={**QUICK, "seed": seed}).json() for seed in range(2, 4)]
         wait_for_sampling(client, running["id"])
         children = child_pids(launcher.pid)
