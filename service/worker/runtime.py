@@ -29,8 +29,9 @@ from redis import Redis
 from model import build
 from model.pipeline import Pipeline
 from model.request import GenerationRequest
-from service import heartbeats
-from service.jobs import JobStore
+from service import heartbeats, keys
+from service.jobs import JobRecord, JobStore
+from service.schemas import JobStatus
 from service.settings import Settings, get_settings
 from service.storage import make_store
 from service.weights import ensure_weights
@@ -135,6 +136,7 @@ class WorkerLoop:
         self.prefetcher = prefetcher
         self.max_batch = settings.max_batch
         self.outage = RedisOutage(settings.redis_reconnect_max_seconds)
+        self.after_outage = False  # an outage may have cut off a claim's reply: look for its jobs once
         self.stopping = False
 
     def request_stop(self, signum: int, frame: object) -> None:
@@ -148,12 +150,15 @@ class WorkerLoop:
         with ThreadPoolExecutor(1, thread_name_prefix="mmaudio-finish") as finisher:
             while not self.stopping:
                 try:
-                    records = self.claims.claim(self.max_batch, self.executor.model_info())
+                    records = self._claimed_unawares() if self.after_outage else []
+                    self.after_outage = False
+                    records = records or self.claims.claim(self.max_batch, self.executor.model_info())
                     if not records:
                         self.prefetcher.set_busy(False)
                         self.claims.wait_for_work(IDLE_WAIT_SECONDS)
                     self.outage.ended()
                 except REDIS_DOWN as err:
+                    self.after_outage = True
                     self.outage.wait(err)
                     continue
                 if not records:
@@ -165,6 +170,23 @@ class WorkerLoop:
                 finishing = finisher.submit(self.executor.finish, batch, results)
             if finishing is not None:
                 finishing.result()
+
+    def _claimed_unawares(self) -> list[JobRecord]:
+        """Jobs running under this worker's name that it does not hold: taken by a claim whose reply an outage
+        cut off. They are run now; the reaper never takes them (the worker is alive), so they would stay
+        `running` otherwise."""
+        jobs, held = self.claims.jobs, set(self.executor.held_jobs())  # held first: a job ends before its release
+        unheld = [job_id for job_id in jobs.running_ids() if job_id not in held]
+        raws = {job_id: jobs.redis.hgetall(keys.job(job_id)) for job_id in unheld}
+        records = [JobRecord.readable(job_id, raw) for job_id, raw in raws.items() if raw]
+        found = [
+            record
+            for record in records
+            if record is not None and record.status is JobStatus.running and record.worker == self.claims.worker_name
+        ]
+        if found:
+            log.warning("running %d job(s) claimed when Redis went away: %s", len(found), [r.id for r in found])
+        return found
 
 
 def main() -> None:

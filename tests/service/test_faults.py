@@ -58,7 +58,7 @@ FAULT_SETTINGS = {
     "MMAUDIO_UNAVAILABLE_RETRY_SECONDS": RETRY_AFTER,
     "MMAUDIO_REDIS_RECONNECT_MAX_SECONDS": "1",
 }
-RUNNING = {"duration": 1.0, "num_steps": 60}  # caught mid-sampling; done in seconds on an idle machine
+RUNNING = {"duration": 1.0, "num_steps": 40}  # caught mid-sampling; done in seconds on an idle machine
 RECOVERIES: dict[str, float] = {}
 
 
