@@ -6,6 +6,7 @@ The pipeline here uses 3 s windows overlapping by 1 s so that requests of a few 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -49,7 +50,7 @@ def test_plans_cover_the_request_on_whole_seconds(audio, duration: float) -> Non
     full = SequenceLengths.for_duration(8.0, audio)
     for w in windows[:-1]:
         assert w.duration == 8.0 and w.lengths == full
-    for left, right in zip(windows, windows[1:], strict=False):
+    for left, right in itertools.pairwise(windows):
         assert right.start - left.start == 6
         own, theirs = overlap_latents(right, left)
         # 2 s of latents, give or take the rounding of each start to its nearest latent
@@ -108,7 +109,7 @@ def test_a_request_of_one_window_takes_the_single_pass_path(tmp_path: Path) -> N
 
 def pinned_overlaps_agree(inputs, latents) -> None:
     windows = inputs.windows
-    for left, right in zip(windows, windows[1:], strict=False):
+    for left, right in itertools.pairwise(windows):
         own, theirs = overlap_latents(right, left)
         assert torch.equal(latents[right.index][:, own], latents[left.index][:, theirs])
 
