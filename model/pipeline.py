@@ -51,6 +51,7 @@ from model.video import VideoInputs, VideoStream, clip_input, load_image, load_v
 from model.vocoder import BigVGAN
 from model.windows import (
     DEFAULT_OVERLAP,
+    DEFAULT_SCHEDULE,
     SCHEDULES,
     Window,
     WindowSchedule,
@@ -185,7 +186,7 @@ class Pipeline:
         decoder_dtype: torch.dtype | None = None,
         window_duration: float = TRAINING_DURATION,
         window_overlap: float = DEFAULT_OVERLAP,
-        window_schedule: WindowSchedule = "sequential",
+        window_schedule: WindowSchedule = DEFAULT_SCHEDULE,
         window_batch: int = 16,
     ) -> None:
         self.architecture = architecture
@@ -231,7 +232,8 @@ class Pipeline:
             if frames is not None:
                 duration = frames.duration_sec
             else:
-                duration = min(wanted, stream.container_sec or self.window_duration)
+                # an estimate until the stream is read; longer than a window in any case
+                duration = min(wanted, max(stream.container_sec or 0.0, self.window_duration))
         elif request.image is not None:
             frames = load_image(request.image, request.duration)
         lengths = SequenceLengths.for_duration(duration, self.audio)
@@ -250,15 +252,17 @@ class Pipeline:
         Frames are read until both streams hold more than one window's worth (then the effective duration, a
         minimum of the asked one and the frames' spans, is surely longer: the video is streamed again when
         encoded) or the video ends first (then these are all of its frames)."""
-        stream = VideoStream(path, wanted, frame_path=self.frame_path, chunk=self.encoder_chunk)
+        chunk = self.encoder_chunk
+        stream = VideoStream(path, wanted, frame_path=self.frame_path, chunk=chunk)
         clip_u8: list[Tensor] = []
         sync_u8: list[Tensor] = []
-        for clip, sync in stream:
+        for clip, sync, _ in stream:
             clip_u8 += clip
             sync_u8 += sync
             window = self.window_duration
             if stream.clip_count > CLIP_FPS * window and stream.sync_count > SYNC_FPS * window:
-                again = VideoStream(path, wanted, frame_path=self.frame_path, chunk=self.encoder_chunk)
+                windows = (window_stride(self.window_overlap, self.window_duration), self.window_duration)
+                again = VideoStream(path, wanted, frame_path=self.frame_path, chunk=chunk, sync_windows=windows)
                 again.container_sec = stream.container_sec
                 return None, again
         return video_inputs(stream, clip_u8, sync_u8), None
@@ -514,34 +518,30 @@ class Pipeline:
     ) -> tuple[float, Tensor | None, dict[int, Tensor]]:
         """(duration, the whole video's CLIP features, each window's sync features) from one pass over the video.
 
-        Decoded frames are encoded as they come: CLIP frames chunk by chunk, sync frames as soon as a window's
-        are all there. Only sync frames from the last encoded window's start on are kept: it may turn out to
-        be the last window, shorter than a full one, once the video's end fixes the duration."""
+        Decoded frames are encoded as they come: CLIP frames chunk by chunk, a window's sync frames once the
+        stream has them all.  The frames of the last window completed before the end stay until the end: once
+        the video's end fixes the duration, that window may turn out to be the last, shorter one."""
         full = SequenceLengths.for_duration(self.window_duration, self.audio)
-        stride = window_stride(self.window_overlap, self.window_duration)
         clip_parts: list[Tensor] = []
-        buffer: list[Tensor] = []  # sync frames from index `kept_from` of the whole video on
-        kept_from, encoded = 0, 0
         sync_of: dict[int, Tensor] = {}
-        for clip_u8, sync_u8 in stream:
+        frames_of: dict[int, list[Tensor]] = {}
+        for clip_u8, _, complete in stream:
             if clip_u8 and not mask_away_clip:
                 with _stage(timings, "clip", self.device):
                     clip_parts.append(self._clip_features(torch.stack(clip_u8)))
-            buffer += sync_u8
-            while (start := encoded * stride * SYNC_FPS) + full.sync_frames <= kept_from + len(buffer):
-                first = start - kept_from
-                with _stage(timings, "sync", self.device):
-                    sync_of[encoded] = self._sync_features(buffer[first : first + full.sync_frames])
-                del buffer[: start - kept_from]
-                kept_from, encoded = start, encoded + 1
+            for index, frames in complete:
+                if len(frames) >= full.sync_frames:
+                    with _stage(timings, "sync", self.device):
+                        sync_of[index] = self._sync_features(frames[: full.sync_frames])
+                frames_of = {index: frames}  # only the latest: earlier ones are whole windows
         duration = stream.duration_sec
         for w in self.plan(duration):
             if w.index not in sync_of or w.lengths.sync != full.sync:  # the last window, shorter than a full one
-                if w.sync_start < kept_from:
-                    raise RuntimeError(f"window {w.index}'s sync frames were dropped before the video ended")
-                frames = buffer[w.sync_start - kept_from : w.sync_start - kept_from + w.lengths.sync_frames]
+                frames = frames_of[w.index]
+                # its own picker may have one frame fewer than the whole video's count implies: repeat the last
+                frames = frames + frames[-1:] * (w.lengths.sync_frames - len(frames))
                 with _stage(timings, "sync", self.device):
-                    sync_of[w.index] = self._sync_features(frames)
+                    sync_of[w.index] = self._sync_features(frames[: w.lengths.sync_frames])
         clip_all = torch.cat(clip_parts)[: int(CLIP_FPS * duration)] if clip_parts else None
         return duration, clip_all, sync_of
 

@@ -43,6 +43,7 @@ from model.sequence import CLIP_FPS, SYNC_FPS, TRAINING_DURATION, AudioFormat, S
 WindowSchedule = Literal["sequential", "batched"]
 SCHEDULES: tuple[WindowSchedule, ...] = ("sequential", "batched")
 DEFAULT_OVERLAP = 2.0  # seconds
+DEFAULT_SCHEDULE: WindowSchedule = "sequential"
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,13 @@ def window_seed(seed: int, index: int) -> int:
 
 
 def window_noise(
-    seed: int, index: int, rows: int, lengths: SequenceLengths, latent_dim: int, device: torch.device, dtype
+    seed: int,
+    index: int,
+    rows: int,
+    lengths: SequenceLengths,
+    latent_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> Tensor:
     """(rows, latent, latent_dim) noise of one window, drawn as the single-pass request draws its own."""
     rng = torch.Generator(device=device).manual_seed(window_seed(seed, index))
