@@ -519,8 +519,8 @@ class Pipeline:
         """(duration, the whole video's CLIP features, each window's sync features) from one pass over the video.
 
         Decoded frames are encoded as they come: CLIP frames chunk by chunk, a window's sync frames once the
-        stream has them all.  The frames of the last window completed before the end stay until the end: once
-        the video's end fixes the duration, that window may turn out to be the last, shorter one."""
+        stream has them all.  The frames of the last two windows completed stay until the end: once the video's
+        end fixes the duration, one of them may turn out to be the last window, shorter than a full one."""
         full = SequenceLengths.for_duration(self.window_duration, self.audio)
         clip_parts: list[Tensor] = []
         sync_of: dict[int, Tensor] = {}
@@ -533,7 +533,8 @@ class Pipeline:
                 if len(frames) >= full.sync_frames:
                     with _stage(timings, "sync", self.device):
                         sync_of[index] = self._sync_features(frames[: full.sync_frames])
-                frames_of = {index: frames}  # only the latest: earlier ones are whole windows
+                # the plan's last window is one of the last two opened (a window opens on its first frame)
+                frames_of = {i: f for i, f in frames_of.items() if i == index - 1} | {index: frames}
         duration = stream.duration_sec
         for w in self.plan(duration):
             if w.index not in sync_of or w.lengths.sync != full.sync:  # the last window, shorter than a full one
@@ -621,7 +622,8 @@ class Pipeline:
 
     def _metadata(self, p: PreparedRequest, timings: dict[str, float], batch_size: int) -> dict[str, Any]:
         r = p.request
-        mode = "video" if p.frames is not None and not p.is_image else "image" if p.is_image else "text"
+        has_video = p.frames is not None or p.stream is not None
+        mode = "video" if has_video and not p.is_image else "image" if p.is_image else "text"
         return {
             "variant": self.variant,
             "mode": mode,

@@ -206,3 +206,13 @@ def test_a_long_video_generates_its_whole_length(pipe: Pipeline, lossless: Path)
     result = pipe.generate(request(video=lossless, duration=None))
     assert result.duration == pytest.approx(5.48) and result.audio.shape == (1, int(result.duration * 16000))
     assert result.metadata["mode"] == "video" and result.metadata["windows"]["count"] == 3
+
+
+def test_windows_opened_past_the_plan_are_dropped(pipe: Pipeline, tmp_path: Path) -> None:
+    """7 s of video at 25 fps (6.96 s of sync ticks): windows at 0, 2 and 4 s, the last one 2.96 s long; the
+    stream also opened one at 6 s, which the plan does not need."""
+    video = make_video(tmp_path / "seven.mp4", seconds=7.0, fps=25, size=(96, 64))
+    inputs = pipe.window_inputs(pipe.prepare(request(video=video, duration=None)))
+    assert [w.start for w in inputs.windows] == [0, 2, 4] and inputs.windows[-1].duration < 3
+    for w in inputs.windows:
+        assert inputs.sync[w.index].shape[0] == w.lengths.sync and inputs.clip[w.index].shape[0] == w.lengths.clip
