@@ -28,6 +28,7 @@ from model.vae import VAE_CONFIGS, VAEConfig, VAEDecoder
 from model.vocoder import VOCODER_CONFIGS, BigVGAN, VocoderConfig
 from model.weights.manifest import VariantPaths, official_manifest, paths_for
 from model.weights.verification import verify
+from model.windows import DEFAULT_OVERLAP, DEFAULT_SCHEDULE, WindowSchedule
 
 VARIANTS = tuple(FLOW_CONFIGS)
 WeightsKind = Literal["official", "tiny"]
@@ -98,12 +99,18 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     frame_path: FramePath = "exact",
     cuda_graphs: bool = True,
+    window_overlap: float = DEFAULT_OVERLAP,
+    window_schedule: WindowSchedule = DEFAULT_SCHEDULE,
 ) -> Pipeline:
-    """Official weights from ``weights_dir`` (model.weights lays them out), or the ``tiny`` random preset."""
+    """Official weights from ``weights_dir`` (model.weights lays them out), or the ``tiny`` random preset.
+    ``window_overlap`` and ``window_schedule``: how requests longer than 8 s are windowed (model.windows)."""
     device = device or default_device()
     dtype = dtype or default_dtype(device)
+    options = {"window_overlap": window_overlap, "window_schedule": window_schedule}
     if weights == "tiny":
-        return tiny_pipeline(variant, device=device, dtype=dtype, frame_path=frame_path, cuda_graphs=cuda_graphs)
+        return tiny_pipeline(
+            variant, device=device, dtype=dtype, frame_path=frame_path, cuda_graphs=cuda_graphs, **options
+        )
     if weights != "official":
         raise ValueError(f"weights must be 'official' or 'tiny', not {weights!r}")
     _flow_config(variant)
@@ -121,7 +128,7 @@ def load_pipeline(
     # the published md5 of the flow checkpoint names the weights (verify() checks the files against it)
     info = {"kind": "official", "random_weights": False, "id": f"{flow_file.file}:{flow_file.md5}"}
     return pipeline_from_files(
-        arch, paths, info, device=device, dtype=dtype, frame_path=frame_path, cuda_graphs=cuda_graphs
+        arch, paths, info, device=device, dtype=dtype, frame_path=frame_path, cuda_graphs=cuda_graphs, **options
     )
 
 

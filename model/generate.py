@@ -3,6 +3,7 @@
     python -m model.generate --video clip.mp4 --prompt "waves crashing" --out output/
     python -m model.generate --prompt "a dog barking in the rain" --duration 5 --out output/
     python -m model.generate --image photo.jpg --prompt "birdsong" --weights tiny --out output/
+    python -m model.generate --video long.mp4 --duration video --out output/   # the whole video, any length
 
 Writes <name>.flac (and <name>.mp4 with a video: its video stream copied, the new audio as AAC).
 """
@@ -23,6 +24,7 @@ from model.media import mux_video, write_audio
 from model.media_errors import MediaError
 from model.request import REQUEST_PARAMETERS, GenerationRequest
 from model.weights.manifest import WeightsError
+from model.windows import DEFAULT_OVERLAP, DEFAULT_SCHEDULE, SCHEDULES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,6 +34,11 @@ def output_stem(request: GenerationRequest) -> str:
     if media is not None:
         return Path(media).stem
     return re.sub(r"[^A-Za-z0-9_-]+", "_", request.prompt).strip("_")[:80] or "audio"
+
+
+def seconds_or_video(text: str) -> float | None:
+    """--duration: seconds, or "video" for the whole video (None)."""
+    return None if text == "video" else float(text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if isinstance(item.default, bool):
             parser.add_argument(flag, dest=item.name, action="store_true", help=item.metadata["help"])
         else:
-            kind = type(item.default)
+            kind = seconds_or_video if item.name == "duration" else type(item.default)
             parser.add_argument(flag, dest=item.name, type=kind, default=item.default, help=item.metadata["help"])
     parser.add_argument("--variant", default="large_44k_v2", choices=VARIANTS)
     parser.add_argument("--weights", default="official", choices=("official", "tiny"), help="tiny: random weights")
@@ -52,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--fast-frames", action="store_true", help="faster, inexact video frame path")
+    parser.add_argument("--window-overlap", type=float, default=DEFAULT_OVERLAP, help="seconds, past 8 s")
+    parser.add_argument("--window-schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE, help="windows, past 8 s")
     parser.add_argument("--out", type=Path, default=Path("output"), help="output folder")
     return parser.parse_args(argv)
 
@@ -70,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             dtype=DTYPES[args.dtype] if args.dtype else None,
             frame_path="fast" if args.fast_frames else "exact",
+            window_overlap=args.window_overlap,
+            window_schedule=args.window_schedule,
         )
         result = pipeline.generate(request)
     except (WeightsError, MediaError, ValueError) as exc:  # the user's to fix: say what, no traceback

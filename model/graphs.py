@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from model.flow import Conditions, FlowNetwork
-from model.sampler import StepCallback
+from model.sampler import Constraint, StepCallback
 
 WARMUP_STEPS = 3  # eager runs before capture: they build the size-keyed tables and settle the allocator
 
@@ -80,8 +80,10 @@ class GraphedEulerSampler:
         cfg_strength: Tensor,
         num_steps: int,
         on_step: StepCallback | None = None,
+        constrain: Constraint | None = None,
     ) -> Tensor:
-        """Same arguments and result as the eager guided sampler; ``on_step`` sees each step's updated latents."""
+        """Same arguments and result as the eager guided sampler; ``on_step`` sees each step's updated latents.
+        ``constrain`` runs eagerly between replays, on the static latents the next replay reads."""
         batch = x0.shape[0]
         cfg = cfg_strength.float().expand(batch)
         guided = bool((cfg >= 1).any())
@@ -107,6 +109,8 @@ class GraphedEulerSampler:
             static.t.copy_(times[i])
             static.dt.copy_(times[i + 1] - times[i])
             static.graph.replay()
+            if constrain is not None:
+                static.x.copy_(constrain(times[i + 1], static.x))
             if on_step is not None:
                 on_step(i, times[i], static.x, static.flow)
         return static.x.clone()

@@ -24,7 +24,9 @@ class GenerationRequest:
     # None: the checkpoint's learned empty-prompt features (no negative prompt)
     negative_prompt: str | None = parameter("", "what the audio should not contain")
     # None: the whole video (video requests only)
-    duration: float | None = parameter(8.0, "seconds (a shorter video shortens it)")
+    duration: float | None = parameter(
+        8.0, "seconds, or 'video' for the whole video (a shorter video shortens it; past 8 s: overlapping windows)"
+    )
     num_steps: int = parameter(25, "Euler steps", flag="--steps")
     cfg_strength: float = parameter(4.5, "classifier-free guidance")
     seed: int = parameter(42, "random seed")

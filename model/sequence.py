@@ -12,6 +12,7 @@ SYNC_STEP = 8  # hop between segments
 SYNC_TOKENS_PER_SEGMENT = 8  # Synchformer halves the 16 frames in time
 LATENT_DOWNSAMPLE = 2  # mel frames per latent
 MIN_DURATION = SYNC_SEGMENT / SYNC_FPS  # seconds: the shortest video the Synchformer can read (one segment)
+TRAINING_DURATION = 8.0  # seconds: every variant was trained on 8 s clips (the official SequenceConfig default)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,11 @@ class SequenceLengths:
     latent: int
     clip: int
     sync: int
+
+    @property
+    def sync_frames(self) -> int:
+        """Video frames the sync tokens read (whole segments; frames past the last one are never used)."""
+        return (self.sync // SYNC_TOKENS_PER_SEGMENT - 1) * SYNC_STEP + SYNC_SEGMENT
 
     @classmethod
     def for_duration(cls, duration: float, audio: AudioFormat) -> SequenceLengths:

@@ -64,6 +64,7 @@ def make_video(
     faststart: bool = False,
     texture: bool = False,
     display_matrix: list[int] | None = None,
+    first_frame: int = 0,
 ) -> Path:
     """A video of ``seconds`` at ``fps`` with frames of ``size`` = (width, height) as stored.
 
@@ -72,6 +73,8 @@ def make_video(
     libx264's ``preset`` decides GOP structure: "veryfast" uses B-frames, "ultrafast" does not.
     ``faststart`` puts an MP4's index before its media data (as phones and web encoders do).
     ``display_matrix`` writes those 9 raw values instead (e.g. a degenerate all-zero matrix).
+    ``first_frame``: the pattern's frame number of the first frame (a lossless codec such as ffv1 then makes
+    the same video cut at that frame).
     """
     width, height = size
     options = {"movflags": "+faststart"} if faststart else {}
@@ -86,7 +89,7 @@ def make_video(
             stream.set_display_matrix(display_matrix)
         audio = container.add_stream("aac", rate=audio_rate, layout="stereo") if with_audio else None
         for index in range(round(seconds * fps)):
-            frame = av.VideoFrame.from_ndarray(frame_image(index, width, height, texture), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(frame_image(first_frame + index, width, height, texture), format="rgb24")
             frame.pts = index
             frame.time_base = Fraction(1, fps)
             container.mux(stream.encode(frame))

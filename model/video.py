@@ -215,6 +215,117 @@ def _video_inputs(
     )
 
 
+class _WindowPickers:
+    """Sync frame pickers of windows starting every ``stride`` seconds, each reading ``length`` seconds timed
+    from its own start: the frames a request on the video cut at that start would pick."""
+
+    def __init__(self, stride: int, length: float, fps: float) -> None:
+        self.stride, self.length, self.fps = stride, length, fps
+        self.open: dict[int, tuple[_RateSampler, list[torch.Tensor]]] = {}
+        self.opened = 0
+
+    def picks(self, time: float) -> tuple[list[tuple[list[torch.Tensor], int]], list[tuple[int, list[torch.Tensor]]]]:
+        """(frames list of each window that picks the frame at ``time``, and how often; windows now complete)."""
+        while self.opened * self.stride <= time:
+            self.open[self.opened] = (_RateSampler(self.fps), [])
+            self.opened += 1
+        picked, complete = [], []
+        for index, (sampler, frames) in list(self.open.items()):
+            offset = time - index * self.stride
+            if offset > self.length:  # a cut request stops decoding at the first frame past its duration
+                complete.append((index, frames))
+                del self.open[index]
+            elif n := sampler.count(offset):
+                picked.append((frames, n))
+        return picked, complete
+
+    def close(self) -> list[tuple[int, list[torch.Tensor]]]:
+        complete, self.open = list(self.open.items()), {}
+        return [(index, frames) for index, (_, frames) in complete]
+
+
+class VideoStream:
+    """The CLIP and sync frames of a video's first ``duration_sec`` seconds as ``load_video`` picks them, handed
+    out in decode order a few at a time, so that a long video never sits in memory whole.
+
+    Iterating yields (clip frames, sync frames, windows) with lists of (3, H, W) uint8 tensors, at least
+    ``chunk`` frames of one kind per item but the last (``chunk`` None: one item with every frame).  With
+    ``sync_windows`` = (stride, length), sync frames are not picked for the whole video but for windows
+    starting every ``stride`` seconds, each picked from its own start (as a request on the video cut there);
+    ``windows`` lists each window, as (index, its sync frames), once it is complete (the stream's end completes
+    the rest).  Once iterated: ``clip_count``, ``sync_count``, ``duration_sec`` (shortened as ``load_video``
+    does; frames past ``int(fps * duration_sec)`` are not part of the video), ``fps`` and the display size;
+    once opened, ``container_sec``: the length the container states (None when it states none), an estimate.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        duration_sec: float,
+        config: FrameConfig = FrameConfig(),
+        frame_path: FramePath = "exact",
+        chunk: int | None = None,
+        sync_windows: tuple[int, float] | None = None,
+    ) -> None:
+        if frame_path not in SCALERS:
+            raise ValueError(f"frame_path must be one of {sorted(SCALERS)}, not {frame_path!r}")
+        self.path, self.requested, self.config, self.frame_path = path, duration_sec, config, frame_path
+        self.chunk, self.sync_windows = chunk, sync_windows
+        self.clip_count = self.sync_count = 0
+        self.fps = Fraction(0)
+        self.display_size = (0, 0)
+        self.container_sec: float | None = None
+
+    @property
+    def duration_sec(self) -> float:
+        config = self.config
+        return min(self.requested, self.clip_count / config.clip_fps, self.sync_count / config.sync_fps)
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, list[torch.Tensor]]]]]:
+        config, make_scaler = self.config, SCALERS[self.frame_path]
+        clip_sampler, sync_sampler = _RateSampler(config.clip_fps), _RateSampler(config.sync_fps)
+        windows = None if self.sync_windows is None else _WindowPickers(*self.sync_windows, config.sync_fps)
+        self.clip_count = self.sync_count = 0
+        clip_u8: list[torch.Tensor] = []
+        sync_u8: list[torch.Tensor] = []
+        complete: list[tuple[int, list[torch.Tensor]]] = []
+        with open_video(self.path) as (container, stream):
+            stream.thread_type = "AUTO"
+            context = stream.codec_context
+            if self.frame_path == "fast" and _worth_shrinking(context.height, context.width, config):
+                stream.codec_context.options = dict(config.fast_decoder_options)
+            self.fps = stream.guessed_rate
+            if stream.duration is not None and stream.time_base is not None:
+                self.container_sec = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                self.container_sec = container.duration / av.time_base
+            try:
+                for time, frame in _frames_until(container, stream, self.requested):
+                    n_clip, n_sync = clip_sampler.count(time), sync_sampler.count(time)
+                    self.clip_count, self.sync_count = self.clip_count + n_clip, self.sync_count + n_sync
+                    picked: list[tuple[list[torch.Tensor], int]] = []
+                    if windows is not None:
+                        picked, now_complete = windows.picks(time)
+                        complete += now_complete
+                        n_sync = 0  # counted for the duration; the windows keep the frames
+                    if not (n_clip or n_sync or picked):
+                        continue  # never converted: e.g. more than half the frames of a 60 fps source
+                    scale, self.display_size = make_scaler(frame, config), _display_size(frame)
+                    if n_clip:
+                        clip_u8 += [_clip_image(scale, config)] * n_clip
+                    if n_sync or picked:
+                        image = _sync_image(scale, self.display_size, config)
+                        sync_u8 += [image] * n_sync
+                        for frames, n in picked:
+                            frames += [image] * n
+                    if complete or (self.chunk is not None and max(len(clip_u8), len(sync_u8)) >= self.chunk):
+                        yield clip_u8, sync_u8, complete
+                        clip_u8, sync_u8, complete = [], [], []
+            except av.error.FFmpegError as exc:
+                raise CorruptMediaError(f"{Path(self.path).name}: the video does not decode ({exc.strerror})") from exc
+        yield clip_u8, sync_u8, complete + (windows.close() if windows is not None else [])
+
+
 def load_video(
     path: str | Path, duration_sec: float, config: FrameConfig = FrameConfig(), frame_path: FramePath = "exact"
 ) -> VideoInputs:
@@ -224,35 +335,21 @@ def load_video(
     then to ``n_sync / sync_fps``; the frames are then cut to ``int(fps * duration_sec)``.
     ``frame_path`` "fast" trades exactness (a few uint8 codes) for speed, see the module doc.
     """
-    if frame_path not in SCALERS:
-        raise ValueError(f"frame_path must be one of {sorted(SCALERS)}, not {frame_path!r}")
-    make_scaler = SCALERS[frame_path]
-    clip_sampler, sync_sampler = _RateSampler(config.clip_fps), _RateSampler(config.sync_fps)
+    stream = VideoStream(path, duration_sec, config, frame_path)
     clip_u8: list[torch.Tensor] = []
     sync_u8: list[torch.Tensor] = []
-    display_size = (0, 0)
-    with open_video(path) as (container, stream):
-        stream.thread_type = "AUTO"
-        if frame_path == "fast" and _worth_shrinking(stream.codec_context.height, stream.codec_context.width, config):
-            stream.codec_context.options = dict(config.fast_decoder_options)
-        fps = stream.guessed_rate
-        try:
-            for time, frame in _frames_until(container, stream, duration_sec):
-                n_clip, n_sync = clip_sampler.count(time), sync_sampler.count(time)
-                if not (n_clip or n_sync):
-                    continue  # never converted: e.g. more than half the frames of a 60 fps source
-                scale, display_size = make_scaler(frame, config), _display_size(frame)
-                if n_clip:
-                    clip_u8 += [_clip_image(scale, config)] * n_clip
-                if n_sync:
-                    sync_u8 += [_sync_image(scale, display_size, config)] * n_sync
-        except av.error.FFmpegError as exc:
-            raise CorruptMediaError(f"{Path(path).name}: the video does not decode ({exc.strerror})") from exc
+    for clip, sync, _ in stream:
+        clip_u8 += clip
+        sync_u8 += sync
+    return video_inputs(stream, clip_u8, sync_u8)
 
-    duration_sec = min(duration_sec, len(clip_u8) / config.clip_fps, len(sync_u8) / config.sync_fps)
+
+def video_inputs(stream: VideoStream, clip_u8: list[torch.Tensor], sync_u8: list[torch.Tensor]) -> VideoInputs:
+    """The VideoInputs of an iterated stream from all of its frames."""
+    duration_sec, config = stream.duration_sec, stream.config
     clip_u8 = clip_u8[: int(config.clip_fps * duration_sec)]
     sync_u8 = sync_u8[: int(config.sync_fps * duration_sec)]
-    return _video_inputs(clip_u8, sync_u8, duration_sec, fps, display_size)
+    return _video_inputs(clip_u8, sync_u8, duration_sec, stream.fps, stream.display_size)
 
 
 def load_image(

@@ -36,7 +36,7 @@ from model.testkit import (
     make_video,
     official_frames,
 )
-from model.video import load_image, load_video
+from model.video import VideoStream, load_image, load_video
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +334,30 @@ def test_probe_measures_a_stream_without_a_container(media: Path) -> None:
 def test_mp4_codecs_come_from_the_muxer() -> None:
     codecs = mp4_video_codecs()
     assert {"h264", "hevc", "av1", "vp9"} <= codecs and not {"vp8", "gif", "prores"} & codecs
+
+
+def test_a_stream_hands_out_load_videos_frames_a_chunk_at_a_time(tmp_path: Path) -> None:
+    video = make_video(tmp_path / "clip.mp4", seconds=3.0, fps=30, size=(96, 64))
+    whole = load_video(video, 2.5)
+    stream = VideoStream(video, 2.5, chunk=16)
+    items = list(stream)
+    assert len(items) > 4 and all(max(len(c), len(s)) <= 16 + 2 for c, s, _ in items)
+    assert stream.duration_sec == whole.duration_sec and stream.container_sec == pytest.approx(3.0)
+    clip = torch.stack([f for c, _, _ in items for f in c])[: whole.clip_u8.shape[0]]
+    sync = torch.stack([f for _, s, _ in items for f in s])[: whole.sync_u8.shape[0]]
+    assert torch.equal(clip, whole.clip_u8) and torch.equal(sync, whole.sync_u8)
+
+
+def test_window_sync_frames_are_picked_from_each_windows_start(tmp_path: Path) -> None:
+    """Each window's sync frames are those of a request on the video cut at the window's start (a lossless
+    24 fps video, whose frames meet the 25 fps ticks only on whole seconds)."""
+    whole = make_video(tmp_path / "whole.mkv", seconds=4.0, fps=24, size=(64, 48), codec="ffv1")
+    stream = VideoStream(whole, 4.0, chunk=8, sync_windows=(1, 2.0))
+    windows = dict(w for _, _, complete in stream for w in complete)
+    assert sorted(windows) == [0, 1, 2, 3] and not any(s for _, s, _ in stream)  # no whole-video sync frames
+    for start in (1, 2):
+        cut = make_video(
+            tmp_path / f"cut{start}.mkv", seconds=2.0, fps=24, size=(64, 48), codec="ffv1", first_frame=24 * start
+        )
+        expected = load_video(cut, 2.0).sync_u8
+        assert torch.equal(torch.stack(windows[start][: expected.shape[0]]), expected)
