@@ -53,10 +53,11 @@ AUDIO_CHUNK_SECONDS = 1.0  # audio is converted and encoded this much at a time:
 
 def _audio_frame(audio: torch.Tensor, sample_rate: int, sample_format: str, pts: int = 0) -> av.AudioFrame:
     """(C, N) float in [-1, 1] -> one planar AudioFrame of 16-bit ("s16p") or float ("fltp") samples."""
-    samples = audio.detach().float().cpu().clamp(-1, 1)
+    # numpy, not torch: a second of audio is too little work for torch's thread pool to pay off
+    samples = np.clip(audio.detach().float().cpu().numpy(), -1, 1)
     if sample_format == "s16p":
-        samples = (samples * 32767).round().to(torch.int16)  # the 32767 scale keeps +1.0 representable
-    planes = np.ascontiguousarray(samples.numpy())
+        samples = np.round(samples * 32767).astype(np.int16)  # the 32767 scale keeps +1.0 representable
+    planes = np.ascontiguousarray(samples)
     frame = av.AudioFrame.from_ndarray(planes, format=sample_format, layout=_layout(audio))
     frame.sample_rate = sample_rate
     frame.pts = pts

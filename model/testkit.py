@@ -131,6 +131,14 @@ def video_packets(path: Path) -> list[tuple[float, float, bytes, bool]]:
         ]
 
 
+def audio_length(path: Path) -> tuple[int, float, int]:
+    """(samples decoded, seconds the container declares, sample rate) of the first audio stream."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        decoded = sum(frame.samples for frame in container.decode(stream))
+        return decoded, float(stream.duration * stream.time_base), stream.rate
+
+
 def sine(seconds: float, rate: int, channels: int = 1, hz: float = 440.0) -> np.ndarray:
     """(channels, samples) float32 tone at half scale."""
     t = np.arange(round(seconds * rate), dtype=np.float64) / rate
