@@ -8,7 +8,7 @@ Service (default): makes the clip (H.264, a cycle of 64 distinct pattern frames,
 costs), starts the whole service with `python -m service` (its own redis-server, one worker, tiny weights by
 default), uploads the clip as a multipart submit and follows the job to its end. Prints the seconds from the
 first byte of the upload to the finished job (and the job's own queue / input / model / encode timings),
-the worker's peak RSS (VmHWM of its process: before the job, after warm-up, and after it), how many windows
+the worker's RSS after warm-up and its peak during the job (VmHWM, reset at the submit), how many windows
 the job's progress reported and the seconds per window, the stored result's sizes and where they live, and
 checks the downloaded mp4: its video packets hash equal to the upload's and its AAC declares the generated
 length. `--duration` asks for that many seconds instead of the whole video.
@@ -99,6 +99,12 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM in /proc status")
 
 
+def reset_peak_rss(pid: int) -> float:
+    """Start the process's peak resident set afresh from its current one (Linux clear_refs); returns it, MiB."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return peak_rss_mb(pid)
+
+
 def worker_pid() -> int:
     """The one worker process among this process's descendants (`python -m service.worker`)."""
     workers = [child.pid for child in psutil.Process().children(recursive=True) if "service.worker" in child.cmdline()]
@@ -168,7 +174,7 @@ def run_service(args: argparse.Namespace, folder: Path) -> None:
     )
     with local_service(service_args, folder) as url, httpx.Client(base_url=url, timeout=600) as client:
         worker = worker_pid()
-        rss_before = peak_rss_mb(worker)
+        rss_before = reset_peak_rss(worker)
         fields = {"prompt": "waves on a pebble beach", "num_steps": str(args.steps), "seed": "1"}
         if args.duration is not None:
             fields["duration"] = str(args.duration)
@@ -209,7 +215,7 @@ def run_service(args: argparse.Namespace, folder: Path) -> None:
         f"windows: {windows} (from the job's progress); {model['total'] / windows:.2f} s per window of model time, "
         f"{model.get('sampling', 0.0) / windows:.2f} s of sampling"
     )
-    print(f"worker peak RSS: {rss_before:.0f} MiB after load and warm-up, {rss_after:.0f} MiB after the job")
+    print(f"worker RSS: {rss_before:.0f} MiB after load and warm-up, peak {rss_after:.0f} MiB during the job")
     sizes = ", ".join(f"{file['format']} {mb(file['size'])}" for file in result["files"] if file["size"])
     where = "Redis strings (MMAUDIO_STORAGE=redis)" if args.storage == "redis" else f"files under {folder}/storage"
     print(f"stored result: {sizes}, in {where}")
@@ -231,7 +237,7 @@ def run_mux_only(args: argparse.Namespace, folder: Path) -> None:
     seconds = args.duration or length
     rate = 44100
     audio = torch.rand(1, round(seconds * rate), generator=torch.Generator().manual_seed(0)) * 0.2 - 0.1
-    base = peak_rss_mb(os.getpid())
+    base = reset_peak_rss(os.getpid())
     started = time.perf_counter()
     mux_video(clip, audio, rate, folder / "result.mp4", seconds, whole_video=args.duration is None)
     muxed = time.perf_counter()
@@ -241,7 +247,7 @@ def run_mux_only(args: argparse.Namespace, folder: Path) -> None:
     print(f"machine: {machine()}")
     print(
         f"mux of {length:g} s of video with {seconds:g} s of audio: {muxed - started:.1f} s; flac "
-        f"{done - muxed:.1f} s; peak RSS {base:.0f} -> {peak:.0f} MiB (the audio tensor is {mb(audio.nbytes)})"
+        f"{done - muxed:.1f} s; RSS {base:.0f} MiB before, peak {peak:.0f} MiB (the audio tensor is {mb(audio.nbytes)})"
     )
     print(
         f"sizes: upload {mb(clip.stat().st_size)}, mp4 {mb((folder / 'result.mp4').stat().st_size)} "
