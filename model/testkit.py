@@ -101,6 +101,47 @@ def make_video(
     return path
 
 
+def make_vfr_video(
+    path: Path, frame_ms: list[int], size: tuple[int, int] = (160, 96), preset: str = "veryfast"
+) -> Path:
+    """A variable-frame-rate H.264 video: frame ``i`` lasts ``frame_ms[i]`` milliseconds (timestamps in a
+    1/1000 time base, as phones write them)."""
+    width, height = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(1000 // max(1, min(frame_ms))))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)  # the encoder keeps every pts
+        stream.options = {"preset": preset, "crf": "20"}
+        pts = 0
+        for index, milliseconds in enumerate(frame_ms):
+            frame = av.VideoFrame.from_ndarray(frame_image(index, width, height), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+            pts += milliseconds
+        container.mux(stream.encode())
+    return path
+
+
+def video_packets(path: Path) -> list[tuple[float, float, bytes, bool]]:
+    """(pts s, dts s, payload, keyframe) of every packet of the first video stream, in decode order."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        tb = stream.time_base
+        return [
+            (float(p.pts * tb), float(p.dts * tb), bytes(p), p.is_keyframe)
+            for p in container.demux(stream)
+            if p.size  # not the flush marker
+        ]
+
+
+def audio_length(path: Path) -> tuple[int, float, int]:
+    """(samples decoded, seconds the container declares, sample rate) of the first audio stream."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        decoded = sum(frame.samples for frame in container.decode(stream))
+        return decoded, float(stream.duration * stream.time_base), stream.rate
+
+
 def sine(seconds: float, rate: int, channels: int = 1, hz: float = 440.0) -> np.ndarray:
     """(channels, samples) float32 tone at half scale."""
     t = np.arange(round(seconds * rate), dtype=np.float64) / rate

@@ -125,6 +125,10 @@ class JobRecord:
     def variant(self) -> str:
         return self.params.variant
 
+    def timeout_seconds(self, settings: Settings) -> float:
+        """How long the job may run: the base timeout, grown with the audio it generates."""
+        return settings.job_timeout(self.params.duration, self.params.num_samples)
+
     def to_hash(self) -> dict[str, str]:
         values: dict[str, Any] = {
             "id": self.id,
@@ -245,7 +249,7 @@ class JobStore:
                 record.variant,
                 record.id,
                 record.attempts + 1,
-                self.settings.job_timeout_seconds,
+                record.timeout_seconds(self.settings),
                 pipeline=pipe,
             )
             pipe.execute()

@@ -7,18 +7,15 @@ stores the result next to it, for as long as the job's results live.
 
 from __future__ import annotations
 
-import io
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
-import numpy as np
 import torch
 
-from model.media import mux_video, write_audio
+from model.media import mux_video, transcode_audio, write_audio
 from service.jobs import JobRecord
 from service.problems import ProblemError
 from service.schemas import JobStatus, StoredResult
@@ -32,17 +29,6 @@ MEDIA_TYPES = {"mp4": "video/mp4", "flac": "audio/flac", "wav": "audio/wav", "m4
 def available_formats(result: StoredResult) -> list[str]:
     """What a finished job can be downloaded as: what its worker wrote, and every audio format."""
     return list(dict.fromkeys([*result.formats, *DOWNLOAD_AUDIO_FORMATS]))
-
-
-def read_audio(data: bytes) -> tuple[torch.Tensor, int]:
-    """Decode an audio file to (channels, samples) float32 and its sample rate."""
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
-        rate = stream.rate
-        resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=rate)
-        planes = [chunk.to_ndarray() for frame in container.decode(stream) for chunk in resampler.resample(frame)]
-        planes += [chunk.to_ndarray() for chunk in resampler.resample(None)]
-    return torch.from_numpy(np.concatenate(planes, axis=1)), rate
 
 
 @dataclass(frozen=True)
@@ -73,27 +59,28 @@ class Results:
         duration: float,
         media: Path | None,
         ttl_seconds: int,
+        whole_video: bool = False,
     ) -> StoredResult:
         """Write every sample of ``audio`` (samples, channels, time) in the output format and the master;
-        returns the job's result record."""
+        returns the job's result record. Each file is written to a temporary file first and streamed into the
+        store from there, so a long result is never held in memory as a whole (let alone twice). An mp4 copies
+        the upload's video up to ``duration``, or all of it with ``whole_video``."""
         formats = list(dict.fromkeys([output_format, MASTER_FORMAT]))
         sizes = {}
-        for sample in range(audio.shape[0]):
-            one = audio[sample : sample + 1]
-            for fmt in formats:
-                name = result_name(job_id, sample, fmt)
-                if fmt == "mp4":
-                    assert media is not None
-                    with tempfile.TemporaryDirectory(prefix="mmaudio-mux-") as folder:
-                        muxed = Path(folder) / "out.mp4"
-                        mux_video(media, one, sample_rate, muxed, duration)
-                        sizes[f"{sample}.{fmt}"] = self.store.put_file(name, muxed, ttl_seconds)
-                else:
-                    buffer = io.BytesIO()
-                    write_audio(buffer, one, sample_rate, fmt)
-                    data = buffer.getvalue()
-                    self.store.put_bytes(name, data, ttl_seconds)
-                    sizes[f"{sample}.{fmt}"] = len(data)
+        with tempfile.TemporaryDirectory(prefix="mmaudio-result-") as folder:
+            for sample in range(audio.shape[0]):
+                one = audio[sample : sample + 1]
+                for fmt in formats:
+                    written = Path(folder) / f"{sample}.{fmt}"
+                    if fmt == "mp4":
+                        assert media is not None
+                        mux_video(media, one, sample_rate, written, duration, whole_video)
+                    else:
+                        write_audio(written, one, sample_rate, fmt)
+                    sizes[f"{sample}.{fmt}"] = self.store.put_file(
+                        result_name(job_id, sample, fmt), written, ttl_seconds
+                    )
+                    written.unlink()
         return StoredResult(
             duration=duration,
             sample_rate=sample_rate,
@@ -128,16 +115,16 @@ class Results:
         return OpenResult(self.store, name, fmt, size, MEDIA_TYPES[fmt], f"{stem}-{sample}.{fmt}")
 
     def _convert(self, record: JobRecord, sample: int, fmt: str) -> int | None:
-        """Write ``fmt`` of ``sample`` from the master; returns its size, None if the master is gone."""
+        """Write ``fmt`` of ``sample`` from the master (file to file, frame by frame); returns its size, None if
+        the master is gone."""
         assert record.result is not None and record.finished_at is not None
-        master = b"".join(self.store.read(result_name(record.id, sample, MASTER_FORMAT)))
-        if not master:
+        master = result_name(record.id, sample, MASTER_FORMAT)
+        if self.store.size(master) is None:
             return None
-        audio, rate = read_audio(master)
-        buffer = io.BytesIO()
-        write_audio(buffer, audio, rate, fmt)
-        ttl = int(record.finished_at + record.result.ttl_seconds - time.time())
-        if ttl <= 0:
-            return None
-        self.store.put_bytes(result_name(record.id, sample, fmt), buffer.getvalue(), ttl)
-        return buffer.tell()
+        with self.store.local_path(master, f".{MASTER_FORMAT}") as source, tempfile.TemporaryDirectory() as folder:
+            converted = Path(folder) / f"converted.{fmt}"
+            transcode_audio(source, converted, fmt)
+            ttl = int(record.finished_at + record.result.ttl_seconds - time.time())
+            if ttl <= 0:
+                return None
+            return self.store.put_file(result_name(record.id, sample, fmt), converted, ttl)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -36,6 +36,9 @@ DEPLOYMENT_LIMITS = {"duration": "max_duration", "num_steps": "max_num_steps", "
 
 
 GENERATION_PARAMETERS = {item.name: item for item in REQUEST_PARAMETERS}
+DEFAULT_DURATION: float = GENERATION_PARAMETERS["duration"].default  # of a job without a video
+WHOLE_VIDEO = "video"  # the duration that means: as long as the uploaded video
+Duration = Annotated[float, Field(ge=MIN_DURATION)] | Literal["video"]
 
 
 def generation_parameter(name: str, **constraints: Any) -> Any:
@@ -57,7 +60,11 @@ class JobParams(BaseModel):
 
     prompt: str = generation_parameter("prompt")
     negative_prompt: str = generation_parameter("negative_prompt")
-    duration: float = generation_parameter("duration", ge=MIN_DURATION)
+    duration: Duration | None = Field(
+        None,
+        description=f"Seconds of audio, or `{WHOLE_VIDEO}`: as long as the uploaded video (the default with a "
+        f"video; a longer number is shortened to the video). Without a video the default is {DEFAULT_DURATION:g}.",
+    )
     num_steps: int = generation_parameter("num_steps", ge=1)
     cfg_strength: float = generation_parameter("cfg_strength", ge=0.0, le=20.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; drawn by the service when absent.")
@@ -79,9 +86,9 @@ class JobParams(BaseModel):
 
     @field_validator("duration", "num_steps", "num_samples")
     @classmethod
-    def _deployment_limit(cls, value: float, info: ValidationInfo) -> float:
+    def _deployment_limit(cls, value: float | str | None, info: ValidationInfo) -> float | str | None:
         limit = getattr(_settings(info), DEPLOYMENT_LIMITS[info.field_name])
-        if value > limit:
+        if isinstance(value, int | float) and value > limit:
             raise ValueError(f"at most {limit}")
         return value
 
@@ -97,6 +104,8 @@ class JobParams(BaseModel):
         context = info.context or {}
         if self.output_format == "mp4" and context.get("input_kind") != "video":
             raise ValueError("output_format mp4 needs a video upload")
+        if self.duration == WHOLE_VIDEO and context.get("input_kind") != "video":
+            raise ValueError(f"duration {WHOLE_VIDEO!r} needs a video upload")
         return self
 
 
@@ -113,7 +122,15 @@ class EffectiveParams(BaseModel):
 
     prompt: str
     negative_prompt: str
-    duration: float
+    duration: float = Field(
+        description="Seconds the job was sized for at submit (batching, timeout): the requested duration, or the "
+        "video's length when shorter or when the whole video was asked. result.duration is the exact length made."
+    )
+    requested_duration: Duration | None = Field(
+        None,
+        description=f"The duration asked for (`{WHOLE_VIDEO}`: the whole video, also when omitted with a video); "
+        "null in jobs made before it was recorded.",
+    )
     num_steps: int
     cfg_strength: float
     seed: int
@@ -121,6 +138,14 @@ class EffectiveParams(BaseModel):
     num_samples: int
     variant: str
     output_format: ResultFormat
+
+    @property
+    def generation_duration(self) -> float | None:
+        """What the pipeline is asked for: seconds (it shortens them to the video itself), or None for the whole
+        video."""
+        if self.requested_duration == WHOLE_VIDEO:
+            return None
+        return self.duration if self.requested_duration is None else self.requested_duration
 
 
 class Progress(BaseModel):

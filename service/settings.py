@@ -101,11 +101,23 @@ class Settings(BaseSettings):
     )
 
     # --- limits -------------------------------------------------------------------------------------------------
-    max_upload_bytes: int = Field(256 * 2**20, gt=0, description="Largest accepted upload; enforced while streaming.")
-    max_video_seconds: float = Field(600.0, gt=0, description="Longest accepted video.")
+    max_upload_bytes: int = Field(
+        480 * 2**20,
+        gt=0,
+        description="Largest accepted upload; enforced while streaming. The default lets an mp4 result (the "
+        "upload's video stream plus its AAC) stay under Redis's 512 MiB string limit in the `redis` store.",
+    )
+    max_video_seconds: float = Field(
+        600.0, gt=0, description="Longest accepted video (a longer one is refused whatever duration is asked)."
+    )
     max_video_side: int = Field(4096, gt=0, description="Largest accepted width or height of a video or image.")
     max_prompt_chars: int = Field(1000, gt=0, description="Longest accepted prompt or negative prompt.")
-    max_duration: float = Field(30.0, gt=0, description="Longest audio a job may ask for, in seconds.")
+    max_duration: float = Field(
+        600.0,
+        gt=0,
+        description="Longest audio a job may ask for, in seconds; a video job without a duration (the whole "
+        "video) is refused when its video is longer.",
+    )
     max_num_steps: int = Field(100, gt=0, description="Most sampling steps a job may ask for.")
     max_num_samples: int = Field(4, gt=0, description="Most samples one job may ask for.")
     max_queue: int = Field(100, gt=0, description="Queued jobs per variant beyond which submits get 429.")
@@ -136,7 +148,12 @@ class Settings(BaseSettings):
         "next ones with the same duration and step count, as many as are queued and fit (it never waits for "
         "more). 1 disables batching.",
     )
-    job_timeout_seconds: float = Field(600.0, gt=0, description="A running job that takes longer fails (`timeout`).")
+    job_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="A running job that takes longer than this plus `job_seconds_per_minute` per generated "
+        "minute fails (`timeout`).",
+    )
     result_ttl_seconds: int = Field(3600, gt=0, description="How long finished jobs and their results are kept.")
     upload_ttl_seconds: int = Field(
         86400, gt=0, description="Safety expiry of uploads; they are deleted as soon as their job ends anyway."
@@ -164,6 +181,20 @@ class Settings(BaseSettings):
         description="How long a worker retries a running job's input fetch and result storage while Redis is "
         "unreachable before the job fails (`redis-unavailable`); the job's final status is retried until Redis "
         "answers.",
+    )
+
+    # --- long videos --------------------------------------------------------------------------------------------
+    job_seconds_per_minute: float = Field(
+        60.0,
+        ge=0,
+        description="Time a job may run per minute of audio it generates (duration x num_samples), on top of "
+        "`job_timeout_seconds`; also the RQ timeout of its queue entry.",
+    )
+    batch_max_duration: float = Field(
+        8.0,
+        gt=0,
+        description="Jobs asking for more seconds than this (more than one 8 s window of the model) are "
+        "claimed alone, never batched with other jobs.",
     )
 
     # --- storage ------------------------------------------------------------------------------------------------
@@ -198,6 +229,10 @@ class Settings(BaseSettings):
     def redis_address(self) -> str:
         """`redis_url`, or the local redis-server that `serve` starts."""
         return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def job_timeout(self, duration: float, num_samples: int = 1) -> float:
+        """Seconds a job that generates ``num_samples`` x ``duration`` seconds of audio may run."""
+        return self.job_timeout_seconds + self.job_seconds_per_minute * duration * num_samples / 60
 
     @property
     def enabled_variants(self) -> list[str]:

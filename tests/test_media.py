@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.media import mux_video, write_audio
+from model.media import _packets_to_keep, mux_video, write_audio
 from model.media_errors import MediaError
-from model.testkit import make_video, sine
+from model.testkit import make_vfr_video, make_video, sine, video_packets
 from model.video import load_video
 
 
@@ -67,19 +67,9 @@ def test_write_audio_to_a_path_and_rejects_bad_input(tmp_path: Path) -> None:
         write_audio(tmp_path / "out.wav", torch.zeros(100), 16000, "wav")
 
 
-def video_packets(path: Path) -> tuple[list[tuple[float, float, bytes, bool]], int]:
-    """(pts s, dts s, payload, keyframe) of every video packet in decode order, and the display rotation."""
+def rotation_of(path: Path) -> int:
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        tb = stream.time_base
-        packets = [
-            (float(p.pts * tb), float(p.dts * tb), bytes(p), p.is_keyframe)
-            for p in container.demux(stream)
-            if p.size  # not the flush marker
-        ]
-    with av.open(str(path)) as container:
-        rotation = next(container.decode(video=0)).rotation
-    return packets, rotation
+        return next(container.decode(video=0)).rotation
 
 
 @pytest.mark.parametrize(("preset", "rotation"), [("veryfast", 0), ("ultrafast", -90)])
@@ -94,9 +84,8 @@ def test_mux_copies_video_packets_and_adds_generated_aac(tmp_path: Path, preset,
         kinds = [(s.type, s.codec_context.name) for s in container.streams]
     assert kinds == [("video", "h264"), ("audio", "aac")]  # the upload's own (44.1 kHz stereo) audio is gone
 
-    source, _ = video_packets(upload)
-    kept, kept_rotation = video_packets(out)
-    assert kept_rotation == rotation
+    source, kept = video_packets(upload), video_packets(out)
+    assert rotation_of(out) == rotation
     assert kept == source[: len(kept)]  # a decode-order prefix, byte-identical, same timestamps
     assert kept[0][3]  # starts on a keyframe
     shown = sorted(p[0] for p in kept)
@@ -136,3 +125,56 @@ def test_mux_rejects_a_cut_before_the_first_frame(tmp_path: Path) -> None:
     upload = make_video(tmp_path / "upload.mp4", 0.5, 25)
     with pytest.raises(MediaError):
         mux_video(upload, torch.zeros(1, 100), 16000, tmp_path / "result.mp4", 0.0)
+
+
+VFR_FRAME_MS = [40, 40, 33, 100, 20, 66, 40, 250, 40] * 4  # 36 frames of 20 to 250 ms: 2.516 s
+
+
+@pytest.mark.parametrize("preset", ["veryfast", "ultrafast"])  # with B-frames (reordered) and without
+def test_mux_of_a_variable_frame_rate_video_keeps_every_packet_and_exact_audio(tmp_path: Path, preset) -> None:
+    upload = make_vfr_video(tmp_path / "vfr.mp4", VFR_FRAME_MS, preset=preset)
+    source = video_packets(upload)
+    gaps = {round(b - a, 3) for a, b in zip(*[sorted(p[0] for p in source)[i:] for i in (0, 1)], strict=False)}
+    assert {0.02, 0.033, 0.25} <= gaps  # really variable
+    rate, duration = 16000, 2.41  # the generated length: no frame boundary
+    generated = torch.from_numpy(sine(3.0, rate))
+
+    whole = tmp_path / "whole.mp4"
+    mux_video(upload, generated, rate, whole, duration, whole_video=True)
+    assert video_packets(whole) == source  # every packet: same bytes, pts, dts and keyframe flags, same order
+    decoded, _, declared = decode_audio(str(whole))
+    n = round(duration * rate)
+    assert declared == n / rate and n <= decoded.shape[1] < n + 1024  # AAC: the last frame is padded
+
+    cut = tmp_path / "cut.mp4"
+    mux_video(upload, generated, rate, cut, 1.0)
+    kept = video_packets(cut)
+    assert kept == source[: len(kept)] and kept[0][3]
+    assert sorted(p[0] for p in kept if p[0] < 1.0) == sorted(p[0] for p in source if p[0] < 1.0)
+    assert decode_audio(str(cut))[2] == 1.0
+
+
+def packets_in_flight(path: Path, end_seconds: float | None) -> list[int]:
+    """For each packet the copy passes on: how many packets it has read but not passed on yet."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        read = 0
+
+        def counted():
+            nonlocal read
+            for packet in container.demux(stream):
+                read += 1
+                yield packet
+
+        end_pts = None if end_seconds is None else round(end_seconds / stream.time_base)
+        return [read - passed for passed, _ in enumerate(_packets_to_keep(counted(), end_pts), start=1)]
+
+
+def test_mux_streams_packets_as_they_are_demuxed(tmp_path: Path) -> None:
+    """The copy holds a few packets at a time, never the whole stream: each packet of a whole copy is passed
+    on as soon as it is read, and a cut holds back only the B-frame anchors it may still need."""
+    upload = make_video(tmp_path / "upload.mp4", 4.0, 25, size=(160, 96))
+    whole = packets_in_flight(upload, None)
+    assert len(whole) == 100 and set(whole) == {0}
+    cut = packets_in_flight(upload, 2.0)
+    assert 50 <= len(cut) <= 52 and max(cut) <= 3

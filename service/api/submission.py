@@ -20,6 +20,9 @@ from service.api.uploads import SubmitBody
 from service.jobs import JobRecord, JobStore
 from service.problems import ProblemError
 from service.schemas import (
+    DEFAULT_DURATION,
+    WHOLE_VIDEO,
+    Duration,
     EffectiveParams,
     InputInfo,
     InputKind,
@@ -89,6 +92,28 @@ def check_copyable_into_mp4(media: MediaSummary) -> None:
         raise ProblemError("unsupported-codec", f"A {media.codec} stream without a container {NOT_INTO_MP4}")
 
 
+def job_duration(params: JobParams, media: MediaSummary | None, max_duration: float) -> tuple[Duration, float]:
+    """(requested, sized-for) duration of a job: an omitted duration is the whole video, or the default without
+    one; a video shortens the number to its length. A whole video longer than ``max_duration`` is refused: its
+    client asked for all of it, so a silent cut would not be what it asked (a number gets the start)."""
+    if media is None:
+        requested = DEFAULT_DURATION if params.duration is None else params.duration
+        assert requested != WHOLE_VIDEO, "JobParams allows the whole video with a video only"
+        return requested, requested
+    requested = WHOLE_VIDEO if params.duration is None else params.duration
+    length = media.duration if media.duration is not None else max_duration
+    if requested != WHOLE_VIDEO:
+        return requested, min(requested, length)
+    if length > max_duration:
+        raise ProblemError(
+            "media-limits",
+            f"The video lasts {length:.1f} s; a job generates at most {max_duration:g} s (MMAUDIO_MAX_DURATION). "
+            f"Send a duration of at most {max_duration:g} for the start of the video.",
+            limit_seconds=max_duration,
+        )
+    return WHOLE_VIDEO, length
+
+
 class Submitter:
     def __init__(self, redis: Redis, settings: Settings, jobs: JobStore, store: BlobStore, probes: ProbePool) -> None:
         self.redis = redis
@@ -127,6 +152,7 @@ class Submitter:
                 raise ProblemError("validation-error", str(err)) from err
 
         input_info = InputInfo(kind=kind)
+        media = None
         if body.file is not None:
             media = self.probes.inspect(body.file.path, body.file.field)
             if kind == "video" and output_format(params, kind) == "mp4":
@@ -134,6 +160,7 @@ class Submitter:
             input_info = InputInfo(
                 kind=kind, filename=body.file.filename, size=body.file.size, sha256=body.file.sha256, media=media
             )
+        durations = job_duration(params, media if kind == "video" else None, self.settings.max_duration)
 
         job_id = str(uuid.uuid4())
         idem_key, fingerprint = None, ""
@@ -148,7 +175,7 @@ class Submitter:
 
         try:
             self.check_capacity(variant)
-            record = self._create(job_id, owner, params, variant, input_info, body, base_url)
+            record = self._create(job_id, owner, params, durations, variant, input_info, body, base_url)
         except BaseException:
             if idem_key is not None:
                 self.redis.delete(idem_key)
@@ -189,6 +216,7 @@ class Submitter:
         job_id: str,
         owner: str,
         params: JobParams,
+        durations: tuple[Duration, float],
         variant: str,
         input_info: InputInfo,
         body: SubmitBody,
@@ -196,7 +224,9 @@ class Submitter:
     ) -> JobRecord:
         seed = params.seed if params.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
         effective = EffectiveParams(
-            **params.model_dump(exclude={"seed", "variant", "output_format", "webhook_url"}),
+            **params.model_dump(exclude={"duration", "seed", "variant", "output_format", "webhook_url"}),
+            requested_duration=durations[0],
+            duration=durations[1],
             seed=seed,
             variant=variant,
             output_format=output_format(params, input_info.kind),

@@ -54,7 +54,8 @@ class Maintenance:
             if record.cancel_requested:
                 self.jobs.finish(record, (JobStatus.running,), JobStatus.canceled, **guard)
             elif self.settings.retry_abandoned_jobs and record.attempts < MAX_ATTEMPTS_WITH_RETRY:
-                self._requeue(record.id, record.variant, record.attempts, record.worker)
+                timeout = record.timeout_seconds(self.settings)
+                self._requeue(record.id, record.variant, record.attempts, record.worker, timeout)
             else:
                 detail = f"worker {record.worker} stopped sending heartbeats during attempt {record.attempts}"
                 error = problem_body("worker-lost", detail)
@@ -62,7 +63,7 @@ class Maintenance:
             log.warning("job %s: worker %s lost", job_id, record.worker)
         return handled
 
-    def _requeue(self, job_id: str, variant: str, attempt: int, worker: str | None) -> None:
+    def _requeue(self, job_id: str, variant: str, attempt: int, worker: str | None, timeout: float) -> None:
         # One transaction: the guarded transition back to queued and the next attempt on the queue. If the
         # guard refuses (the worker finished after all), the queued attempt is refused by the next worker too.
         with self.redis.pipeline() as pipe:
@@ -82,7 +83,7 @@ class Maintenance:
                 variant,
                 job_id,
                 attempt + 1,
-                self.settings.job_timeout_seconds,
+                timeout,
                 pipeline=pipe,
                 at_front=True,
             )

@@ -1,10 +1,11 @@
 """How a worker takes jobs off its variant's queue: whole batches, atomically, oldest first.
 
-A batch is the oldest job the worker may take and the next queued jobs with the same requested duration and
-step count (the pipeline splits it further when a video turns out shorter than asked), as many as are queued
-now, up to a limit. One Lua script picks the batch, takes its entries off the list and moves every job to
-`running` under this worker, so two workers never take the same job and a worker that dies right after
-leaves running jobs, which the API's reaper fails or retries.
+A batch is the oldest job the worker may take and the next queued jobs with the same duration (as sized at
+submit) and step count (the pipeline splits it further when a video turns out shorter than asked), as many as
+are queued now, up to a limit; a job longer than `batch_max_duration` (a long video) is a batch of its own.
+One Lua script picks the batch, takes its entries off the list and moves every job to `running` under this
+worker, so two workers never take the same job and a worker that dies right after leaves running jobs, which
+the API's reaper fails or retries.
 
 While its GPU is busy a worker *reserves* the batch it will take next and decodes its inputs ahead. Reserved
 jobs stay queued (clients see their queue position, a cancel withdraws them); a reservation only steers
@@ -31,8 +32,9 @@ from service.worker.outages import persist
 #     entries are removed with their RQ hash when `drop_stale`.
 #   next_batch: the group (duration, steps) of the worker's oldest own reservation, else of the oldest job it
 #     may take; then the oldest jobs of that group it may take, as long as their samples (rows of the pass)
-#     add up to at most `limit` (the first job is taken whatever its size). Jobs reserved by others are taken
-#     only by a worker without reservations of its own that is allowed to (`takes_reserved`).
+#     add up to at most `limit` (the first job is taken whatever its size); a first job longer than `alone_above`
+#     seconds (a long video: many windows) is taken alone. Jobs reserved by others are taken only by a worker
+#     without reservations of its own that is allowed to (`takes_reserved`).
 SELECTION_LUA = """
 local function queued_jobs(queue_key, job_prefix, rq_prefix, reserved_prefix, worker_prefix, worker, drop_stale)
   local found, unreadable = {}, {}
@@ -65,7 +67,7 @@ local function queued_jobs(queue_key, job_prefix, rq_prefix, reserved_prefix, wo
   return found, unreadable
 end
 
-local function next_batch(found, limit, takes_reserved)
+local function next_batch(found, limit, takes_reserved, alone_above)
   local first = nil
   for _, job in ipairs(found) do
     if job.holder == 'own' then first = job; break end
@@ -78,6 +80,7 @@ local function next_batch(found, limit, takes_reserved)
   end
   local batch, rows = {}, 0
   if first == nil or limit < 1 then return batch end
+  if first.duration > alone_above then return {first} end
   for _, job in ipairs(found) do
     if job.duration == first.duration and job.steps == first.steps
         and (may_take_reserved or job.holder ~= 'other') and (#batch == 0 or rows + job.samples <= limit) then
@@ -91,7 +94,7 @@ end
 
 # KEYS: running set, status counts, queue list.
 # ARGV: worker, limit, job key prefix, job channel prefix, RQ job key prefix, reservation key prefix, worker
-#       heartbeat key prefix, then field/value pairs set on every claimed job.
+#       heartbeat key prefix, longest duration batched with others, then field/value pairs set on every claimed job.
 # Returns the claimed queue entries, oldest first, and the entries of queued jobs whose parameters do not parse,
 # which are taken too (the worker fails them) so that one bad record can never block the queue.
 CLAIM_SCRIPT = (
@@ -105,26 +108,27 @@ local function take(jobs)
     redis.call('LREM', KEYS[3], 1, job.entry)
     redis.call('DEL', ARGV[5] .. job.entry, ARGV[6] .. job.id)
     local fields = {'attempts', tostring(job.attempt)}
-    for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+    for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
     change_job(ARGV[3] .. job.id, KEYS[1], KEYS[2], ARGV[4] .. job.id, job.id, 'queued', '',
                tostring(job.attempt - 1), 'running', 0, 'running', fields)
     entries[#entries + 1] = job.entry
   end
   return entries
 end
-return {take(next_batch(found, tonumber(ARGV[2]), true)), take(unreadable)}
+return {take(next_batch(found, tonumber(ARGV[2]), true, tonumber(ARGV[8]))), take(unreadable)}
 """
 )
 
 # KEYS: queue list.
-# ARGV: worker, limit, job key prefix, reservation key prefix, worker heartbeat key prefix, reservation TTL (s).
+# ARGV: worker, limit, job key prefix, reservation key prefix, worker heartbeat key prefix, reservation TTL (s),
+#       longest duration batched with others.
 # Returns the reserved queue entries, oldest first; the worker's reservations outside them are dropped.
 RESERVE_SCRIPT = (
     SELECTION_LUA
     + """
 local found = queued_jobs(KEYS[1], ARGV[3], '', ARGV[4], ARGV[5], ARGV[1], false)
 local chosen, entries = {}, {}
-for _, job in ipairs(next_batch(found, tonumber(ARGV[2]), false)) do
+for _, job in ipairs(next_batch(found, tonumber(ARGV[2]), false, tonumber(ARGV[7]))) do
   redis.call('SET', ARGV[4] .. job.id, ARGV[1], 'EX', ARGV[6])
   chosen[job.id] = true
   entries[#entries + 1] = job.entry
@@ -176,6 +180,7 @@ class QueueClaims:
                 queue.RQ_JOB_PREFIX,
                 queue.RESERVATION_PREFIX,
                 keys.worker(""),
+                self.jobs.settings.batch_max_duration,
                 *pairs,
             ],
         )
@@ -216,6 +221,7 @@ class QueueClaims:
                 queue.RESERVATION_PREFIX,
                 keys.worker(""),
                 self.reservation_seconds,
+                self.jobs.settings.batch_max_duration,
             ],
         )
         return [entry.decode() for entry in entries]

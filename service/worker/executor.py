@@ -75,6 +75,7 @@ class ActiveJob:
     """A claimed job while its batch runs."""
 
     record: JobRecord
+    timeout_seconds: float  # its run time limit, grown with the audio it generates
     deadline: float  # time.monotonic() past which the job fails with `timeout`
     timings: dict[str, Any] = field(default_factory=dict)
     input: JobInput | None = None
@@ -84,6 +85,10 @@ class ActiveJob:
     def owned(self) -> tuple[str, int]:
         """(job id, attempt): what this worker owns."""
         return self.record.id, self.record.attempts
+
+    @property
+    def timeout_problem(self) -> dict[str, Any]:
+        return problem_body("timeout", f"the job ran longer than {self.timeout_seconds:g} s")
 
     @property
     def prepared(self) -> PreparedRequest:
@@ -116,9 +121,6 @@ class JobExecutor:
         self.worker_name = worker_name
         self._held: set[str] = set()  # ids of the claimed jobs not finished yet; read by the heartbeat thread
         self._held_lock = threading.Lock()
-        self._timeout_problem = problem_body(
-            "timeout", f"the job ran longer than {self.settings.job_timeout_seconds:g} s"
-        )
         self._progress_writes = BestEffort(self.settings.redis_reconnect_max_seconds)  # main thread only
 
     def model_info(self) -> ModelInfo:
@@ -152,7 +154,8 @@ class JobExecutor:
     def _request(self, record: JobRecord, media: Path | None) -> GenerationRequest:
         kind = record.input.kind
         return GenerationRequest(
-            **record.params.model_dump(include={item.name for item in REQUEST_PARAMETERS}),
+            **record.params.model_dump(include={item.name for item in REQUEST_PARAMETERS} - {"duration"}),
+            duration=record.params.generation_duration,
             video=media if kind == "video" else None,
             image=media if kind == "image" else None,
         )
@@ -169,7 +172,7 @@ class JobExecutor:
         Main thread only: a batch stuck in one call past its jobs' deadlines is interrupted by SIGALRM."""
         batch = [self._activate(record) for record in records]
         results: dict[str, GenerationResult] = {}
-        hard_stop = math.ceil(self.settings.job_timeout_seconds) + HARD_STOP_GRACE_SECONDS
+        hard_stop = math.ceil(max(job.timeout_seconds for job in batch)) + HARD_STOP_GRACE_SECONDS
         try:
             with UnixSignalDeathPenalty(hard_stop, JobTimeoutException):
                 for job in batch:
@@ -183,12 +186,13 @@ class JobExecutor:
         except JobTimeoutException:
             for job in batch:
                 if not job.ended and job.record.id not in results:
-                    self._end(job, JobStatus.failed, error=self._timeout_problem)
+                    self._end(job, JobStatus.failed, error=job.timeout_problem)
         return batch, results
 
     def _activate(self, record: JobRecord) -> ActiveJob:
         assert record.started_at is not None
-        job = ActiveJob(record, time.monotonic() + self.settings.job_timeout_seconds)
+        timeout = record.timeout_seconds(self.settings)
+        job = ActiveJob(record, timeout, time.monotonic() + timeout)
         job.timings["queue"] = record.started_at - record.created_at
         with self._held_lock:
             self._held.add(record.id)
@@ -257,7 +261,7 @@ class JobExecutor:
                 elif outcome is not None and outcome.cancel_requested:
                     self._end(job, JobStatus.canceled)
                 elif now > job.deadline:
-                    self._end(job, JobStatus.failed, error=self._timeout_problem)
+                    self._end(job, JobStatus.failed, error=job.timeout_problem)
             if all(job.ended for job in group):
                 raise Cancelled("no job is left in the batch")
 
@@ -293,6 +297,7 @@ class JobExecutor:
                     result.duration,
                     media,
                     self.settings.result_ttl_seconds,
+                    whole_video=job.record.params.generation_duration is None,
                 ),
                 f"storing job {job.record.id}'s result",
             )
