@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -21,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from service.api.auth import KeyRing
 from service.api.probing import ProbePool
-from service.api.routes import health, jobs
+from service.api.routes import health, jobs, page
 from service.api.state import AppState
 from service.api.submission import Submitter
 from service.jobs import JobStore
@@ -136,6 +137,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.include_router(jobs.router)
     app.include_router(health.router)
+    app.include_router(page.router)
+    app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
     return app
 
 
