@@ -7,6 +7,7 @@ const KEY_STORAGE = "mmaudio-api-key";
 const RETRY_MS = 2000;  // until the stream's own `retry:` says otherwise
 const STAGES = {
   queued: "Queued",
+  starting: "Starting",
   video: "Reading the video",
   features: "Encoding the conditions",
   sampling: "Sampling",
