@@ -11,8 +11,6 @@ from service_harness import Stack
 from service.problems import PROBLEMS
 
 
-
-
 def referenced_object(prop: dict[str, Any], schemas: dict[str, Any]) -> bool:
     """Whether a property is (a nullable or a list of) another object schema, whose own fields carry the
     examples."""
