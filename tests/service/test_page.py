@@ -102,6 +102,8 @@ def test_page_uploads_a_video_follows_progress_and_plays_the_result(
     browser: WebDriver, page_stack: Stack, tmp_path: Path
 ) -> None:
     video = make_video(tmp_path / "clip.mp4", seconds=CLIP_SECONDS, fps=25, size=(320, 240), with_audio=True)
+    info = httpx.get(f"{page_stack.url}/v1/info", timeout=30)  # what the page reads first, without a key
+    assert info.status_code == 200 and info.json()["api_keys_required"] is True
     open_page(browser, page_stack)
     # keys are configured: the key field shows, and the job list says why it is empty
     assert browser.find_element(By.ID, "api-key").is_displayed()
