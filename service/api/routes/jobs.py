@@ -30,8 +30,20 @@ JobId = Annotated[str, PathParam(description="The job's id.", examples=[JOB_EXAM
 DEFAULT_PAGE_SIZE = 20
 PROBLEM_RESPONSE = {"model": ProblemDetails, "content": {PROBLEM_MEDIA_TYPE: {}}}
 
+
+def form_value(value: object) -> str:
+    """A JSON parameter value as a multipart form field writes it (lists comma-separated)."""
+    if isinstance(value, list):
+        return ",".join(map(form_value, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 _form_fields = {
-    name: {"type": "string", "description": field.description, "examples": [str(field.examples[0])]}
+    name: {
+        "type": "string",
+        "description": field.description,
+        **({"examples": [form_value(example) for example in field.examples]} if field.examples else {}),
+    }
     for name, field in JobParams.model_fields.items()
 }
 SUBMIT_BODY = {
