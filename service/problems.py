@@ -67,6 +67,13 @@ PROBLEMS = _catalogue(
 )
 
 
+def problems_table() -> str:
+    """A Markdown table of every problem type: its `type` URI, HTTP status and title (README's and /docs')."""
+    rows = ["| `type` | Status | Title |", "|---|---|---|"]
+    rows += [f"| `{problem.uri}` | {problem.status} | {problem.title} |" for problem in PROBLEMS.values()]
+    return "\n".join(rows)
+
+
 class ProblemError(Exception):
     """Raised anywhere in a request; the API answers it as problem+json."""
 
@@ -91,3 +98,7 @@ def problem_body(slug: str, detail: str | None = None, instance: str | None = No
     if instance:
         body["instance"] = instance
     return body | extensions
+
+
+if __name__ == "__main__":
+    print(problems_table())

@@ -13,11 +13,19 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "exec ./scripts/test" in (ROOT / ".ci" / "run").read_text()
 
 
+def printed_table(module: str) -> str:
+    return subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
 def test_readme_lists_every_setting_as_the_settings_object_documents_it() -> None:
-    table = subprocess.run(
-        [sys.executable, "-m", "service.settings"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
+    table = printed_table("service.settings")
     assert table.count("| `MMAUDIO_") > 30
+    assert table.strip() in (ROOT / "README.md").read_text()
+
+
+def test_readme_lists_every_problem_type() -> None:
+    table = printed_table("service.problems")
+    assert table.count("| `urn:mmaudio:problem:") > 20
     assert table.strip() in (ROOT / "README.md").read_text()
 
 

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -21,12 +22,12 @@ from starlette.requests import ClientDisconnect
 
 from service.api.auth import KeyRing
 from service.api.probing import ProbePool
-from service.api.routes import health, jobs
+from service.api.routes import health, jobs, page
 from service.api.state import AppState
 from service.api.submission import Submitter
 from service.jobs import JobStore
 from service.metrics import RedisCollector
-from service.problems import MEDIA_TYPE, PROBLEMS, ProblemError, problem_body
+from service.problems import MEDIA_TYPE, PROBLEMS, ProblemError, problem_body, problems_table
 from service.results import Results
 from service.settings import Settings, get_settings
 from service.storage import make_store
@@ -36,6 +37,16 @@ from service.upkeep.webhooks import WebhookSender
 log = logging.getLogger(__name__)
 
 HTTP_PROBLEMS = {404: "not-found", 405: "method-not-allowed", 401: "unauthorized"}
+API_DESCRIPTION = f"""A browser page for people is at `/`; `python -m service.client` is the command-line client.
+
+With API keys configured, every `/v1` call but `/v1/info` needs `Authorization: Bearer <key>`.
+
+## Problem types
+
+Every error, and the `error` of a failed job, is RFC 9457 `application/problem+json` with one of these `type`s:
+
+{problems_table()}
+"""
 
 
 def problem_response(
@@ -123,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="MMAudio service",
         version="1",
         summary="Video, image or text to audio with MMAudio; queued jobs run on long-lived GPU workers.",
+        description=API_DESCRIPTION,
         lifespan=lifespan,
     )
     install_error_handlers(app, settings)
@@ -136,6 +148,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.include_router(jobs.router)
     app.include_router(health.router)
+    app.include_router(page.router)
+    app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
     return app
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -19,17 +20,31 @@ from service.api.uploads import read_submit_body
 from service.problems import MEDIA_TYPE as PROBLEM_MEDIA_TYPE
 from service.problems import ProblemError
 from service.results import MEDIA_TYPES
-from service.schemas import Job, JobPage, JobParams, JobStatus, ProblemDetails, ResultFormat
+from service.schemas import JOB_EXAMPLE_ID, Job, JobPage, JobParams, JobStatus, ProblemDetails, ResultFormat
 from service.views import job_url, job_view
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 Owner = Annotated[str, Depends(current_owner)]
+JobId = Annotated[str, PathParam(description="The job's id.", examples=[JOB_EXAMPLE_ID])]
 DEFAULT_PAGE_SIZE = 20
 PROBLEM_RESPONSE = {"model": ProblemDetails, "content": {PROBLEM_MEDIA_TYPE: {}}}
 
+
+def form_value(value: object) -> str:
+    """A JSON parameter value as a multipart form field writes it (lists comma-separated)."""
+    if isinstance(value, list):
+        return ",".join(map(form_value, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 _form_fields = {
-    name: {"type": "string", "description": field.description} for name, field in JobParams.model_fields.items()
+    name: {
+        "type": "string",
+        "description": field.description,
+        **({"examples": [form_value(example) for example in field.examples]} if field.examples else {}),
+    }
+    for name, field in JobParams.model_fields.items()
 }
 SUBMIT_BODY = {
     "requestBody": {
@@ -74,8 +89,18 @@ def preferred_wait(prefer: str | None, cap: float) -> float | None:
 async def submit_job(
     request: Request,
     owner: Owner,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-    prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            description="A retried submit with the same key returns the same job.",
+            examples=["7d1c2a40-retry-safe"],
+        ),
+    ] = None,
+    prefer: Annotated[
+        str | None,
+        Header(description="`wait=N`: answer with the finished job if it ends within N seconds.", examples=["wait=10"]),
+    ] = None,
 ) -> Response:
     """JSON for text-to-audio; multipart/form-data with a `video` or `image` file and the same parameters as
     form fields. Answers 202 with the queued job and its Location."""
@@ -115,10 +140,20 @@ async def submit_job(
 def list_jobs(
     request: Request,
     owner: Owner,
-    status: Annotated[list[JobStatus] | None, Query(description="Only jobs in these statuses (repeatable).")] = None,
-    limit: Annotated[int, Query(ge=1, description="Jobs per page (capped by the deployment).")] = DEFAULT_PAGE_SIZE,
+    status: Annotated[
+        list[JobStatus] | None,
+        Query(description="Only jobs in these statuses (repeatable).", examples=[["queued", "running"]]),
+    ] = None,
+    limit: Annotated[
+        int, Query(ge=1, description="Jobs per page (capped by the deployment).", examples=[20])
+    ] = DEFAULT_PAGE_SIZE,
     before: Annotated[
-        float | None, Query(allow_inf_nan=False, description="Page cursor: take it from the `next` link.")
+        float | None,
+        Query(
+            allow_inf_nan=False,
+            description="Page cursor: take it from the `next` link.",
+            examples=[1735732800.0],
+        ),
     ] = None,
 ) -> Response:
     """The caller's jobs that have not expired, newest first, a page at a time."""
@@ -133,8 +168,10 @@ def list_jobs(
     return JSONResponse(page)
 
 
-@router.get("/{job_id}", response_model=Job, summary="Read a job", responses={404: PROBLEM_RESPONSE})
-def get_job(request: Request, job_id: str, owner: Owner) -> Response:
+@router.get(
+    "/{job_id}", response_model=Job, summary="Read a job", responses={404: PROBLEM_RESPONSE, 422: PROBLEM_RESPONSE}
+)
+def get_job(request: Request, job_id: JobId, owner: Owner) -> Response:
     state = app_state(request)
     record = owned_job(state, job_id, owner)
     view = job_view(record, base_url(request), state.jobs.queue_position(record))
@@ -149,14 +186,15 @@ def get_job(request: Request, job_id: str, owner: Owner) -> Response:
         200: {"content": {"text/event-stream": {}}},
         204: {"description": "The client has seen the final revision already (`Last-Event-ID`)."},
         404: PROBLEM_RESPONSE,
+        422: PROBLEM_RESPONSE,
     },
 )
 async def job_events(
     request: Request,
-    job_id: str,
+    job_id: JobId,
     owner: Owner,
     last_event: Annotated[
-        str | None, Header(alias="Last-Event-ID", description="The id of the last event received.")
+        str | None, Header(alias="Last-Event-ID", description="The id of the last event received.", examples=["7"])
     ] = None,
 ) -> Response:
     """`event: status` whenever the status changes and `event: progress` for every other change, each with
@@ -179,9 +217,12 @@ async def job_events(
     "/{job_id}/cancel",
     response_model=Job,
     summary="Cancel a job",
-    responses={202: {"model": Job, "description": "Running: it stops at its next step."}, 404: PROBLEM_RESPONSE},
+    responses={
+        202: {"model": Job, "description": "Running: it stops at its next step."},
+        **{code: PROBLEM_RESPONSE for code in (404, 409, 422)},
+    },
 )
-def cancel_job(request: Request, job_id: str, owner: Owner) -> Response:
+def cancel_job(request: Request, job_id: JobId, owner: Owner) -> Response:
     """A queued job is canceled at once (200). A running one is asked to stop (202, `cancel_requested`) and
     becomes canceled after its current sampling step. An ended job cannot be canceled (409)."""
     state = app_state(request)
@@ -201,16 +242,20 @@ def cancel_job(request: Request, job_id: str, owner: Owner) -> Response:
     responses={
         200: {"content": {media: {} for media in MEDIA_TYPES.values()}},
         206: {"description": "The requested byte range."},
-        **{code: PROBLEM_RESPONSE for code in (404, 409, 416)},
+        **{code: PROBLEM_RESPONSE for code in (404, 409, 416, 422)},
     },
 )
 def job_result(
     request: Request,
-    job_id: str,
+    job_id: JobId,
     owner: Owner,
-    format: Annotated[ResultFormat | None, Query(description="Default: the job's output_format.")] = None,
-    sample: Annotated[int, Query(ge=0)] = 0,
-    range_header: Annotated[str | None, Header(alias="range")] = None,
+    format: Annotated[
+        ResultFormat | None, Query(description="Default: the job's output_format.", examples=["flac"])
+    ] = None,
+    sample: Annotated[int, Query(ge=0, description="Which sample (0-based) of a job with several.", examples=[0])] = 0,
+    range_header: Annotated[
+        str | None, Header(alias="range", description="One byte range (RFC 9110).", examples=["bytes=0-1023"])
+    ] = None,
 ) -> Response:
     """mp4 (video jobs): the uploaded video stream copied unchanged with the generated audio as AAC.
     flac, wav, m4a: the audio alone (wav and m4a are converted from the FLAC on their first download).
