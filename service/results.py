@@ -81,19 +81,16 @@ class Results:
         for sample in range(audio.shape[0]):
             one = audio[sample : sample + 1]
             for fmt in formats:
-                name = result_name(job_id, sample, fmt)
-                if fmt == "mp4":
-                    assert media is not None
-                    with tempfile.TemporaryDirectory(prefix="mmaudio-mux-") as folder:
-                        muxed = Path(folder) / "out.mp4"
-                        mux_video(media, one, sample_rate, muxed, duration)
-                        sizes[f"{sample}.{fmt}"] = self.store.put_file(name, muxed, ttl_seconds)
-                else:
-                    buffer = io.BytesIO()
-                    write_audio(buffer, one, sample_rate, fmt)
-                    data = buffer.getvalue()
-                    self.store.put_bytes(name, data, ttl_seconds)
-                    sizes[f"{sample}.{fmt}"] = len(data)
+                # every file is written to disk and streamed from there into the store
+                with tempfile.TemporaryDirectory(prefix="mmaudio-result-") as folder:
+                    written = Path(folder) / f"out.{fmt}"
+                    if fmt == "mp4":
+                        assert media is not None
+                        mux_video(media, one, sample_rate, written, duration)
+                    else:
+                        write_audio(written, one, sample_rate, fmt)
+                    name = result_name(job_id, sample, fmt)
+                    sizes[f"{sample}.{fmt}"] = self.store.put_file(name, written, ttl_seconds)
         return StoredResult(
             duration=duration,
             sample_rate=sample_rate,
