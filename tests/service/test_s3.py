@@ -270,10 +270,14 @@ def test_worker_killed_mid_upload_leaves_no_multipart_upload(
     """Last in the module: it kills the stack's only worker."""
     job = submit_video(client, big_video)
     wait_for_status(client, job["id"], {"running"})
-    uplink.rate = 1 << 20  # the mp4 of ~13 MB now takes seconds to go up
+    uplink.rate = 256 << 10  # per connection: a 5 MiB part now takes 20 s to go up
     under = f"results/{job['id']}/"
     try:
         wait_until(lambda: multipart_uploads(bucket, under), 120, "the result's multipart upload", 0.05)
+        # a slow upload that still makes progress outlives the bound: the upkeep leaves it alone
+        time.sleep(STALE_UPLOAD_SECONDS * 2 + 1)
+        assert multipart_uploads(bucket, under), "a live upload was aborted"
+        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
         s3_stack.workers[0].stop(signal.SIGKILL)
     finally:
         uplink.rate = None
