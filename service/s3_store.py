@@ -131,7 +131,9 @@ class S3Store:
     def delete(self, *names: str) -> None:
         for first in range(0, len(names), DELETE_BATCH):
             batch = [{"Key": self._key(name)} for name in names[first : first + DELETE_BATCH]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            reply = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            if reply.get("Errors"):  # kept in the expiry index: the next sweep tries again
+                raise RuntimeError(f"S3 refused to delete {len(reply['Errors'])} objects: {reply['Errors'][0]}")
         self.expiry.forget(*names)
 
     def download_url(self, name: str, disposition: str, media_type: str) -> str | None:
