@@ -1,19 +1,21 @@
 """Peak memory of a large file through the S3 store (issue 12): a 200 MB result never sits whole in memory.
 
-    .venv/bin/python -m bench.storage_memory [--megabytes 200] [--part-mib 16] [--store-only]
+    .venv/bin/python -m bench.storage_memory [--megabytes 200] [--part-mib 16] [--in-process]
 
-Starts moto's S3 server (its own process on a free port; the dev extra) and measures peak RSS (VmHWM of
+Starts moto's S3 server (its own process on a free port; the dev extra), makes a video of random pixels of
+about --megabytes (1280x720, 25 fps, as many seconds as that takes) and measures peak RSS (VmHWM of
 /proc/<pid>/status, so a spike between two samples still counts) in two parts:
 
-1. The store alone, in this process: `put_file` of a --megabytes file (a multipart upload, as the API stores
-   an upload and a worker a result), `read` of it whole (what a streamed download relays), `local_path`
-   (a worker fetching an upload). Printed: the peak after each step minus the peak after the imports.
+1. In this process: the store's `put_file` of the video (a multipart upload, as the API stores an upload),
+   `read` of it whole (what a streamed download relays), `local_path` (a worker fetching an upload), then a
+   worker's results path, `Results.store_job` (the mp4 mux of the whole video, then its multipart upload).
+   Printed: the peak after each step minus the peak after the imports (torch included).
 2. The service (`python -m service`: its redis-server, the API, one worker with the `tiny` weights) on the S3
-   store: a video of random pixels of about --megabytes (8 s of 1280x720) is uploaded through the API, the
-   worker muxes it into an mp4 result of about the same size and stores it, the client downloads the result
-   in a stream. Printed: the peak of the API and of the worker before the job and after each step.
+   store: the video is uploaded through the API, the worker runs the job on the whole video and stores an
+   mp4 result of about the same size, the client downloads it in a stream. Printed: the peak of the API and
+   of the worker before the job and after each step (the worker's includes decoding the video for the model).
 
-A process that held the file whole would peak at least --megabytes above its start.
+A process that held the file whole would peak at least its size above its start.
 """
 
 from __future__ import annotations
@@ -24,26 +26,30 @@ import platform
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import av
 import boto3
 import httpx
+import torch
 from redis import Redis
 from redis.exceptions import RedisError
 
 from bench.service_load import local_service
 from model.testkit import free_port, make_noise_video, start_s3_server
+from service.results import Results
 from service.settings import Settings
-from service.storage import BlobStore, make_store
+from service.storage import make_store
 
 BUCKET = "mmaudio-bench"
 MB = 1e6
 AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
-VIDEO_SECONDS = 8.0
 VIDEO_SIZE = (1280, 720)
-BYTES_PER_PIXEL = 1.1  # of make_noise_video's frames
+FRAMES_PER_SECOND = 25
+RESULT_RATE = 44100
+BYTES_PER_PIXEL = 1.4  # of make_noise_video's frames
 
 
 def peak_mb(pid: int | str = "self") -> float:
@@ -63,37 +69,42 @@ def child_running(pid: int, module: str) -> int:
     raise RuntimeError(f"process {pid} has no child running {module}")
 
 
-def store_part(endpoint: str, size: int, part_mib: int, folder: Path) -> None:
-    """Part 1: the store's own calls in this process."""
+def store_part(endpoint: str, video: Path, part_mib: int, folder: Path) -> None:
+    """Part 1: the store's own calls and a worker's results path, in this process."""
     settings = Settings(
         storage="s3", s3_bucket=BUCKET, s3_endpoint_url=endpoint, s3_region="us-east-1", s3_part_bytes=part_mib << 20
     )
-    blob = folder / "blob.bin"
-    with blob.open("wb") as out:  # written in pieces: the bench itself never holds the file either
-        for offset in range(0, size, 1 << 24):
-            out.write(os.urandom(min(1 << 24, size - offset)))
     with redis_server(folder) as redis:
         store = make_store(settings, redis)
-        _measure_store(store, blob, size, part_mib)
+        size = video.stat().st_size
+        base = peak_mb()
+        print(f"\n1. in this process ({size / MB:.0f} MB file, parts of {part_mib} MiB), peak RSS above the imports:")
+        print(f"   after imports                       {base:8.1f} MB")
+
+        def step(what: str, run: Callable[[], object]) -> None:
+            started = time.perf_counter()
+            run()
+            print(f"   {what:<33} +{peak_mb() - base:7.1f} MB   {time.perf_counter() - started:5.1f} s")
+
+        def fetch() -> None:
+            with store.local_path("uploads/bench") as path:
+                assert path.stat().st_size == size
+
+        step("put_file (multipart upload)", lambda: store.put_file("uploads/bench", video, 3600))
+        step("read whole (streamed download)", lambda: sum(len(chunk) for chunk in store.read("uploads/bench")))
+        step("local_path (a worker's fetch)", fetch)
+        seconds = probe_seconds(video)
+        silence = torch.zeros(1, 1, round(seconds * RESULT_RATE))
+        step(
+            "Results.store_job (mux + store)",
+            lambda: Results(store).store_job("bench", "mp4", silence, RESULT_RATE, seconds, video, 3600),
+        )
 
 
-def _measure_store(store: BlobStore, blob: Path, size: int, part_mib: int) -> None:
-    base = peak_mb()
-    print(f"\n1. the store alone ({size / MB:.0f} MB file, parts of {part_mib} MiB), peak RSS of this process:")
-    print(f"   after imports                         {base:8.1f} MB")
-    started = time.perf_counter()
-    store.put_file("results/bench/0.mp4", blob, 3600)
-    print(f"   put_file (multipart upload)     +{peak_mb() - base:7.1f} MB   {time.perf_counter() - started:5.1f} s")
-    started = time.perf_counter()
-    total = sum(len(chunk) for chunk in store.read("results/bench/0.mp4"))
-    assert total == size
-    print(f"   read whole (streamed download)  +{peak_mb() - base:7.1f} MB   {time.perf_counter() - started:5.1f} s")
-    started = time.perf_counter()
-    with store.local_path("results/bench/0.mp4") as path:
-        assert path.stat().st_size == size
-    print(f"   local_path (a worker's fetch)   +{peak_mb() - base:7.1f} MB   {time.perf_counter() - started:5.1f} s")
-    store.delete("results/bench/0.mp4")
-    blob.unlink()
+def probe_seconds(video: Path) -> float:
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        return float(stream.frames / stream.average_rate)
 
 
 @contextmanager
@@ -116,18 +127,23 @@ def redis_server(folder: Path) -> Iterator[Redis]:
         process.wait(10)
 
 
-def service_part(endpoint: str, megabytes: float, part_mib: int, folder: Path) -> None:
-    """Part 2: the API and a worker, each its own process, on the S3 store."""
-    frames_per_second = 25
+def make_video(megabytes: float, folder: Path) -> Path:
     width, height = VIDEO_SIZE
-    seconds = max(1.0, megabytes * MB / (width * height * BYTES_PER_PIXEL * frames_per_second))
+    seconds = max(1.0, megabytes * MB / (width * height * BYTES_PER_PIXEL * FRAMES_PER_SECOND))
     started = time.perf_counter()
-    video = make_noise_video(folder / "noise.mp4", seconds, VIDEO_SIZE, frames_per_second)
-    size = video.stat().st_size
+    video = make_noise_video(folder / "noise.mp4", seconds, VIDEO_SIZE, FRAMES_PER_SECOND)
     print(
-        f"\n2. the service on the S3 store: a {size / MB:.0f} MB video ({seconds:g} s of {width}x{height}, "
-        f"made in {time.perf_counter() - started:.0f} s)"
+        f"video: {video.stat().st_size / MB:.0f} MB of random pixels ({seconds:.1f} s of {width}x{height} at "
+        f"{FRAMES_PER_SECOND} fps, made in {time.perf_counter() - started:.0f} s)"
     )
+    return video
+
+
+def service_part(endpoint: str, video: Path, part_mib: int, folder: Path) -> None:
+    """Part 2: the API and a worker, each its own process, on the S3 store."""
+    size = video.stat().st_size
+    seconds = probe_seconds(video)
+    print("\n2. the service on the S3 store, peak RSS of each process:")
     os.environ.update(
         MMAUDIO_STORAGE="s3",
         MMAUDIO_S3_BUCKET=BUCKET,
@@ -162,7 +178,7 @@ def service_part(endpoint: str, megabytes: float, part_mib: int, folder: Path) -
             job = client.get(f"/v1/jobs/{job['id']}").json()
         if job["status"] != "succeeded":
             raise SystemExit(f"the job {job['status']}: {job.get('error')}")
-        result_size = job["result"]["sizes"]["0.mp4"]
+        result_size = next(file["size"] for file in job["result"]["files"] if file["format"] == "mp4")
         show(f"result stored, {result_size / MB:.0f} MB ({job['timings']['encode']:.0f} s to mux and store)")
         started = time.perf_counter()
         with client.stream("GET", f"/v1/jobs/{job['id']}/result") as download:
@@ -175,7 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megabytes", type=float, default=200.0, help="size of the file and of the result")
     parser.add_argument("--part-mib", type=int, default=16, help="MMAUDIO_S3_PART_BYTES in MiB")
-    parser.add_argument("--store-only", action="store_true", help="only part 1 (no service, no model)")
+    parser.add_argument("--in-process", action="store_true", help="only part 1 (no service, no model)")
     args = parser.parse_args()
     os.environ.update(AWS)
     load = os.getloadavg()[0]
@@ -187,9 +203,10 @@ def main() -> None:
         endpoint = f"http://127.0.0.1:{port}"
         try:
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-            store_part(endpoint, int(args.megabytes * MB), args.part_mib, folder)
-            if not args.store_only:
-                service_part(endpoint, args.megabytes, args.part_mib, folder)
+            video = make_video(args.megabytes, folder)
+            store_part(endpoint, video, args.part_mib, folder)
+            if not args.in_process:
+                service_part(endpoint, video, args.part_mib, folder)
         finally:
             moto.terminate()
             moto.wait(10)

@@ -116,7 +116,7 @@ def audio_frame(samples: np.ndarray, rate: int) -> av.AudioFrame:
 
 
 def make_noise_video(path: Path, seconds: float, size: tuple[int, int], fps: int = 25) -> Path:
-    """An H.264 video of random pixels, nearly lossless: about 1.1 bytes per pixel per frame, so tests and
+    """An H.264 video of random pixels, nearly lossless: about 1.4 bytes per pixel per frame, so tests and
     benchmarks get large files (a result that must go up in parts) from few frames."""
     width, height = size
     rng = np.random.default_rng(0)
