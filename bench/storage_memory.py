@@ -94,7 +94,7 @@ def store_part(endpoint: str, video: Path, part_mib: int, folder: Path) -> None:
         step("read whole (streamed download)", lambda: sum(len(chunk) for chunk in store.read("uploads/bench")))
         step("local_path (a worker's fetch)", fetch)
         seconds = probe_seconds(video)
-        silence = torch.zeros(1, 1, round(seconds * RESULT_RATE))
+        silence = torch.zeros(1, round(seconds * RESULT_RATE))  # one mono sample
         step(
             "Results.store_job (mux + store)",
             lambda: Results(store).store_job("bench", "mp4", silence, RESULT_RATE, seconds, video, 3600),
@@ -163,7 +163,7 @@ def service_part(endpoint: str, video: Path, part_mib: int, folder: Path) -> Non
 
         def show(step: str) -> None:
             peaks = "   ".join(f"{role} {peak_mb(pid):7.1f} MB" for role, pid in sorted(roles.items()))
-            print(f"   {step:<34} {peaks}")
+            print(f"   {step:<48} {peaks}")
 
         show("ready (before the job)")
         started = time.perf_counter()
