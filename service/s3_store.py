@@ -29,7 +29,7 @@ from service.storage import CHUNK_BYTES, ExpiryIndex
 
 MISSING = {"404", "NoSuchKey", "NotFound"}
 DELETE_BATCH = 1000  # most keys one DeleteObjects request takes
-PARTS_IN_FLIGHT = 4  # parallel part transfers of one file: throughput against memory (one part buffer each)
+PARTS_IN_FLIGHT = 4  # parallel part transfers (and ranged GETs of a download) of one file
 MARK_EVERY_SECONDS = 1.0  # how often a writer refreshes its progress mark while bytes move
 
 
