@@ -1,5 +1,6 @@
 """Helpers shared by the tests and the benchmarks: real media files written with PyAV, the official frame
-loader written out plainly, a free TCP port and a WxH argument parser.
+loader written out plainly, a free TCP port, an S3 server process (moto, from the dev extra) and a WxH
+argument parser.
 
 Every video frame has a known layout so tests can check what a loader did with it:
 a smooth gradient background, a red block in the top-left corner (shows orientation),
@@ -11,9 +12,12 @@ from __future__ import annotations
 import functools
 import math
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from time import monotonic, sleep
 
 import av
 import numpy as np
@@ -155,6 +159,24 @@ def audio_frame(samples: np.ndarray, rate: int) -> av.AudioFrame:
     return frame
 
 
+def make_noise_video(path: Path, seconds: float, size: tuple[int, int], fps: int = 25) -> Path:
+    """An H.264 video of random pixels, nearly lossless: about 1.4 bytes per pixel per frame, so tests and
+    benchmarks get large files (a result that must go up in parts) from few frames."""
+    width, height = size
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "1"}
+        for index in range(round(seconds * fps)):
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, fps)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
 def make_audio_only(path: Path, seconds: float = 1.0, rate: int = 44100) -> Path:
     """An m4a/mp4 with one AAC stream and no video."""
     with av.open(str(path), "w") as container:
@@ -230,6 +252,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_s3_server(port: int, log: Path, timeout: float = 60.0) -> subprocess.Popen:
+    """moto's S3-compatible server in its own process on 127.0.0.1:``port``, once it accepts connections."""
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process
+        except OSError:
+            if process.poll() is not None or monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"moto's S3 server did not start on port {port}: {log.read_text()}") from None
+            sleep(0.1)
 
 
 def frame_size(text: str) -> tuple[int, int]:

@@ -6,6 +6,8 @@ RUNNING_JOBS = PREFIX + "running"  # set of job ids in status running (scanned f
 WORKERS = PREFIX + "workers"  # set of worker names ever seen; the live ones also have a heartbeat key
 WEBHOOKS_DUE = PREFIX + "webhooks"  # sorted set: job id -> unix time the next delivery is due
 FILE_EXPIRY = PREFIX + "files"  # sorted set: filesystem-store blob name -> unix time it expires
+S3_EXPIRY = PREFIX + "s3:expiry"  # sorted set: S3-store blob name -> unix time it expires
+S3_WRITES = PREFIX + "s3:writes"  # sorted set: S3-store blob name being written -> unix time of its last progress
 STATUS_COUNTS = PREFIX + "stats:status"  # hash: status -> jobs that ever entered it
 JOB_SECONDS = PREFIX + "stats:job_seconds"  # hash: variant -> moving average of a job's run time
 

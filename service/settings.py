@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.frame_path import FramePath
@@ -198,12 +198,40 @@ class Settings(BaseSettings):
     )
 
     # --- storage ------------------------------------------------------------------------------------------------
-    storage: Literal["redis", "filesystem"] = Field(
+    storage: Literal["redis", "filesystem", "s3"] = Field(
         "redis",
-        description="Where uploads and results live: `redis` (nothing shared but Redis) or `filesystem` "
-        "(a volume every API and worker mounts at `storage_dir`).",
+        description="Where uploads and results live: `redis` (nothing shared but Redis), `filesystem` "
+        "(a volume every API and worker mounts at `storage_dir`) or `s3` (an S3-compatible bucket, `s3_*`).",
     )
     storage_dir: Path = Field(Path("data/storage"), description="Root of the filesystem store.")
+    # S3 credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, roles)
+    s3_bucket: str | None = Field(None, description="Bucket of the S3 store (required with `storage=s3`).")
+    s3_prefix: str = Field(
+        "mmaudio/",
+        description="Prefix of every object key the service writes; its upkeep (expiry, aborting stale multipart "
+        "uploads) and the README's lifecycle rule act under it only.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible store (MinIO, R2, Ceph, GCS). Empty: AWS S3."
+    )
+    s3_region: str | None = Field(None, description="Region of the bucket. Empty: boto3's default (`AWS_REGION`...).")
+    s3_download: Literal["stream", "redirect"] = Field(
+        "stream",
+        description="Result downloads: `stream` (the API relays the bytes, Range supported) or `redirect` (302 "
+        "to a presigned URL of the object: the bytes bypass the API).",
+    )
+    s3_presign_seconds: int = Field(300, gt=0, le=604800, description="Life of the presigned URL of a redirect.")
+    s3_part_bytes: int = Field(
+        16 * 2**20,
+        ge=5 * 2**20,
+        description="Files from this size go up as multipart uploads of parts this large (S3's minimum is 5 MiB).",
+    )
+    s3_stale_upload_seconds: float = Field(
+        900.0,
+        gt=0,
+        description="An unfinished multipart upload under the prefix without progress for this long (its writer "
+        "died) is aborted by the API's upkeep.",
+    )
 
     # --- webhooks -----------------------------------------------------------------------------------------------
     webhook_secret: str | None = Field(
@@ -224,6 +252,12 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_list(value)
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("MMAUDIO_STORAGE=s3 needs MMAUDIO_S3_BUCKET")
+        return self
 
     @property
     def redis_address(self) -> str:

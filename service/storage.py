@@ -1,9 +1,10 @@
 """Blob storage shared by the API and the workers: uploads and results.
 
-Two backends with one interface. RedisStore keeps each blob as a Redis string with a TTL, so API and
-workers share nothing but Redis. FileStore keeps blobs on a volume every process mounts; their expiry
-times live in Redis and `sweep()` (run by the API's maintenance loop) deletes what has expired.
-Blob names are relative paths such as ``uploads/<job>`` or ``results/<job>/0.mp4``.
+Three backends with one interface. RedisStore keeps each blob as a Redis string with a TTL, so API and
+workers share nothing but Redis. FileStore keeps blobs on a volume every process mounts; S3Store
+(service/s3_store.py) keeps them in an S3-compatible bucket. The last two cannot expire blobs by themselves:
+their expiry times live in Redis (an ExpiryIndex) and `sweep()` (run by the API's maintenance loop) deletes
+what has expired. Blob names are relative paths such as ``uploads/<job>`` or ``results/<job>/0.mp4``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class BlobStore(Protocol):
         """A local file with the blob's content, valid inside the block."""
 
     def delete(self, *names: str) -> None: ...
+
+    def download_url(self, name: str, disposition: str, media_type: str) -> str | None:
+        """A URL a client may fetch the blob from directly (a redirect target), or None: stream it."""
 
     def sweep(self) -> int:
         """Delete expired blobs the backend cannot expire by itself; returns how many."""
@@ -111,14 +115,35 @@ class RedisStore:
         if names:
             self.redis.delete(*(keys.blob(name) for name in names))
 
+    def download_url(self, name: str, disposition: str, media_type: str) -> str | None:
+        return None
+
     def sweep(self) -> int:
         return 0  # Redis expires the blobs itself
+
+
+class ExpiryIndex:
+    """When each blob of a store without expiry of its own expires: a Redis sorted set, name -> unix time."""
+
+    def __init__(self, redis: Redis, key: str) -> None:
+        self.redis = redis
+        self.key = key
+
+    def expire_at(self, name: str, ttl_seconds: int) -> None:
+        self.redis.zadd(self.key, {name: time.time() + ttl_seconds})
+
+    def forget(self, *names: str) -> None:
+        if names:
+            self.redis.zrem(self.key, *names)
+
+    def expired(self) -> list[str]:
+        return [name.decode() for name in self.redis.zrangebyscore(self.key, "-inf", time.time())]
 
 
 class FileStore:
     def __init__(self, root: Path, redis: Redis) -> None:
         self.root = root
-        self.redis = redis
+        self.expiry = ExpiryIndex(redis, keys.FILE_EXPIRY)
 
     def _path(self, name: str) -> Path:
         path = (self.root / name).resolve()
@@ -126,16 +151,13 @@ class FileStore:
             raise ValueError(f"blob name {name!r} leaves the store")
         return path
 
-    def _expire_at(self, name: str, ttl_seconds: int) -> None:
-        self.redis.zadd(keys.FILE_EXPIRY, {name: time.time() + ttl_seconds})
-
     def put_file(self, name: str, path: Path, ttl_seconds: int) -> int:
         target = self._path(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
         shutil.copyfile(path, staging)
         os.replace(staging, target)
-        self._expire_at(name, ttl_seconds)
+        self.expiry.expire_at(name, ttl_seconds)
         return target.stat().st_size
 
     def put_bytes(self, name: str, data: bytes, ttl_seconds: int) -> None:
@@ -144,7 +166,7 @@ class FileStore:
         staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
         staging.write_bytes(data)
         os.replace(staging, target)
-        self._expire_at(name, ttl_seconds)
+        self.expiry.expire_at(name, ttl_seconds)
 
     def size(self, name: str) -> int | None:
         try:
@@ -179,11 +201,13 @@ class FileStore:
     def delete(self, *names: str) -> None:
         for name in names:
             self._path(name).unlink(missing_ok=True)
-        if names:
-            self.redis.zrem(keys.FILE_EXPIRY, *names)
+        self.expiry.forget(*names)
+
+    def download_url(self, name: str, disposition: str, media_type: str) -> str | None:
+        return None
 
     def sweep(self) -> int:
-        expired = [name.decode() for name in self.redis.zrangebyscore(keys.FILE_EXPIRY, "-inf", time.time())]
+        expired = self.expiry.expired()
         self.delete(*expired)
         for folder in {self._path(name).parent for name in expired}:
             if folder != self.root.resolve() and folder.is_dir() and not any(folder.iterdir()):
@@ -192,6 +216,10 @@ class FileStore:
 
 
 def make_store(settings: Settings, redis: Redis) -> BlobStore:
+    if settings.storage == "s3":
+        from service.s3_store import S3Store  # boto3 is imported only by deployments that use it
+
+        return S3Store(settings, redis)
     if settings.storage == "filesystem":
         settings.storage_dir.mkdir(parents=True, exist_ok=True)
         return FileStore(settings.storage_dir, redis)

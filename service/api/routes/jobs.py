@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.api.events import last_event_id, sse_stream, wait_until_finished
@@ -242,6 +242,7 @@ def cancel_job(request: Request, job_id: JobId, owner: Owner) -> Response:
     responses={
         200: {"content": {media: {} for media in MEDIA_TYPES.values()}},
         206: {"description": "The requested byte range."},
+        302: {"description": "S3 store in `redirect` mode: the result at a presigned URL of limited life."},
         **{code: PROBLEM_RESPONSE for code in (404, 409, 416, 422)},
     },
 )
@@ -259,7 +260,8 @@ def job_result(
 ) -> Response:
     """mp4 (video jobs): the uploaded video stream copied unchanged with the generated audio as AAC.
     flac, wav, m4a: the audio alone (wav and m4a are converted from the FLAC on their first download).
-    Supports single byte ranges."""
+    Supports single byte ranges. With the S3 store in `redirect` mode, GET answers 302 to a presigned URL of
+    the object (of limited life), which takes the same ranges."""
     state = app_state(request)
     result = state.results.open(owned_job(state, job_id, owner), format, sample)
     headers = {
@@ -277,6 +279,10 @@ def job_result(
         headers["Content-Range"] = f"bytes {first}-{last}/{result.size}"
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type=result.media_type)
+    # a presigned URL signs GET alone, so HEAD is answered here; the client sends its Range to the store
+    redirect = result.store.download_url(result.name, headers["Content-Disposition"], result.media_type)
+    if redirect is not None:
+        return RedirectResponse(redirect, 302, headers={"Cache-Control": "no-store"})
     return StreamingResponse(
         result.read(first, last), status_code=status, headers=headers, media_type=result.media_type
     )
