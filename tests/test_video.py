@@ -341,7 +341,7 @@ def test_a_stream_hands_out_load_videos_frames_a_chunk_at_a_time(tmp_path: Path)
     whole = load_video(video, 2.5)
     stream = VideoStream(video, 2.5, chunk=16)
     items = list(stream)
-    assert len(items) > 4 and all(max(len(c), len(s)) <= 16 + 2 for c, s, _ in items)
+    assert len(items) >= 4 and all(max(len(c), len(s)) <= 16 + 2 for c, s, _ in items)
     assert stream.duration_sec == whole.duration_sec and stream.container_sec == pytest.approx(3.0)
     clip = torch.stack([f for c, _, _ in items for f in c])[: whole.clip_u8.shape[0]]
     sync = torch.stack([f for _, s, _ in items for f in s])[: whole.sync_u8.shape[0]]

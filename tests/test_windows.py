@@ -26,7 +26,7 @@ SAMPLES_PER_LATENT = AUDIO_16K.hop * 2
 
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:
-    return tiny_pipeline(VARIANT, window_duration=3.0, window_overlap=1.0)
+    return tiny_pipeline(VARIANT, window_duration=3.0, window_overlap=1.0, window_schedule="sequential")
 
 
 @pytest.fixture(scope="module")
