@@ -98,12 +98,17 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     frame_path: FramePath = "exact",
     cuda_graphs: bool = True,
+    **options: Any,
 ) -> Pipeline:
-    """Official weights from ``weights_dir`` (model.weights lays them out), or the ``tiny`` random preset."""
+    """Official weights from ``weights_dir`` (model.weights lays them out), or the ``tiny`` random preset.
+
+    ``options``: further Pipeline arguments (compile_modules, compile_mode, cudnn_benchmark).
+    """
     device = device or default_device()
     dtype = dtype or default_dtype(device)
+    options = {"device": device, "dtype": dtype, "frame_path": frame_path, "cuda_graphs": cuda_graphs, **options}
     if weights == "tiny":
-        return tiny_pipeline(variant, device=device, dtype=dtype, frame_path=frame_path, cuda_graphs=cuda_graphs)
+        return tiny_pipeline(variant, **options)
     if weights != "official":
         raise ValueError(f"weights must be 'official' or 'tiny', not {weights!r}")
     _flow_config(variant)
@@ -120,9 +125,7 @@ def load_pipeline(
     flow_file = manifest.files[manifest.variants[variant]["flow"]]
     # the published md5 of the flow checkpoint names the weights (verify() checks the files against it)
     info = {"kind": "official", "random_weights": False, "id": f"{flow_file.file}:{flow_file.md5}"}
-    return pipeline_from_files(
-        arch, paths, info, device=device, dtype=dtype, frame_path=frame_path, cuda_graphs=cuda_graphs
-    )
+    return pipeline_from_files(arch, paths, info, **options)
 
 
 def pipeline_from_files(

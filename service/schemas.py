@@ -160,6 +160,9 @@ class WeightsInfo(BaseModel):
 class ModelInfo(BaseModel):
     variant: str
     weights: WeightsInfo
+    dtype_fallback: str | None = Field(
+        None, description="Set when the job's float16 batch overflowed and was run again in this dtype."
+    )
 
 
 class JobError(BaseModel):

@@ -57,6 +57,18 @@ class Settings(BaseSettings):
         description="Video frame resizing: `exact` reproduces the official frames; `fast` scales in libswscale "
         "(several times cheaper, a few uint8 codes off).",
     )
+    # GPU speed (issue 13)
+    compile: bool = Field(
+        False,
+        description="torch.compile the flow step (inside its CUDA graph), CLIP's image tower, the Synchformer and "
+        "the vocoder's activations; each new batch shape compiles once (minutes on a CPU: keep it off there).",
+    )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="Inductor mode when `compile` is on (never inductor's own CUDA graphs)."
+    )
+    cudnn_benchmark: bool = Field(
+        True, description="On CUDA, let cuDNN time its convolution algorithms once per (fixed) batch shape."
+    )
 
     # --- processes ----------------------------------------------------------------------------------------------
     redis_url: str | None = Field(
