@@ -442,7 +442,7 @@ def precision(arch: Any, device: str, video: Path, plan: Plan, record: Record) -
         name = str(dtype).removeprefix("torch.")
 
         def compare(dtype: torch.dtype = dtype) -> dict[str, Any]:
-            low = random_pipeline(arch, device, dtype)
+            low = low_precision_pipeline(arch, device, dtype)
             try:
                 return against_fp32(low, fp32, expected, prepared, noise, plan)
             finally:
@@ -541,6 +541,14 @@ def eager_sections(
         record.item("e2e", "upload to mp4", lambda: end_to_end(pipe, folder, plan))
 
 
+def low_precision_pipeline(arch: Any, device: str, dtype: torch.dtype, **options: Any) -> Pipeline:
+    """A bf16 / fp16 pipeline; on a CPU (rehearsals) with float32 decoders, as half-precision convolutions are
+    emulated there (minutes for the tiny vocoder)."""
+    if torch.device(device).type == "cpu":
+        options.setdefault("decoder_dtype", torch.float32)
+    return random_pipeline(arch, device, dtype, **options)
+
+
 def run(plan: Plan, device: str, out: Path, time_limit: float, sections: tuple[str, ...]) -> None:
     record = Record(out, time_limit, machine=machine(device), plan=asdict(plan), device=device, time_limit_s=time_limit)
     arch = architecture(plan.variant, plan.tiny)
@@ -549,7 +557,7 @@ def run(plan: Plan, device: str, out: Path, time_limit: float, sections: tuple[s
         video = make_clip(Path(tmp), plan.duration)
         if "ceilings" in sections:
             record.item("ceilings", "roofs", lambda: ceilings(dev, plan.tiny))
-        eager_sections(random_pipeline(arch, device, torch.bfloat16), video, Path(tmp), plan, sections, record)
+        eager_sections(low_precision_pipeline(arch, device, torch.bfloat16), video, Path(tmp), plan, sections, record)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         if "precision" in sections:
@@ -557,13 +565,13 @@ def run(plan: Plan, device: str, out: Path, time_limit: float, sections: tuple[s
         if "e2e" in sections:
             record.item("e2e", "long video", lambda: long_video(device, max(30.0, time_limit - record.elapsed())))
         if "compiled" in sections:
-            compiled = random_pipeline(arch, device, torch.bfloat16, compile_modules=True)
+            compiled = low_precision_pipeline(arch, device, torch.bfloat16, compile_modules=True)
             record.item("compiled", "first calls", lambda: first_call(compiled, video, plan))
             for batch in plan.batches:
                 record.item("compiled", f"b{batch}", lambda b=batch: timings(compiled, video, plan, b))
 
             def against_eager() -> dict[str, float]:
-                eager = random_pipeline(arch, device, torch.bfloat16)
+                eager = low_precision_pipeline(arch, device, torch.bfloat16)
                 prepared = eager.prepare(batch_requests(1, plan.duration, plan.steps, plan.cfg, video, "cmp")[0])
                 noise = eager.initial_noise([prepared])
                 latents = sampled_latents(eager, prepared, noise, plan)

@@ -147,7 +147,6 @@ class Pipeline:
         self.graphed_sampler = GraphedEulerSampler(self.flow) if cuda_graphs and self.device.type == "cuda" else None
         if self.device.type == "cuda":  # every batch shape is fixed: cuDNN may time its algorithms once per shape
             torch.backends.cudnn.benchmark = cudnn_benchmark
-        self.compiled = compile_modules
         if compile_modules:
             compile_pipeline_modules(self, compile_mode)
 

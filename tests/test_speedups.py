@@ -4,18 +4,18 @@ fixtures' job (tests/test_parity.py): these forms run there too."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from model.build import tiny_pipeline
 from model.flow import SwiGLU, apply_rope, rope_table
-from model.pipeline import Pipeline, compile_pipeline_modules
+from model.pipeline import Pipeline
 from model.request import GenerationRequest
-from model.testkit import make_video
 from model.vocoder import AntiAliasedSnakeBeta, sliced_anti_aliased_snake
 
 VARIANT = "small_16k"
@@ -121,31 +121,69 @@ def test_vocoder_with_sliced_activations_matches() -> None:
 
 
 @pytest.fixture(scope="module")
-def pipes() -> tuple[Pipeline, Pipeline]:
-    return tiny_pipeline(VARIANT), tiny_pipeline(VARIANT)
+def pipe() -> Pipeline:
+    return tiny_pipeline(VARIANT)
+
+
+def eager_then_compiled(module: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``run()`` before and after ``module.compile()``; the module is eager again afterwards."""
+    with torch.inference_mode():
+        eager = run()
+        module.compile()
+        try:
+            compiled = run()
+            assert module._compiled_call_impl is not None
+        finally:
+            module._compiled_call_impl = None
+    return eager, compiled
 
 
 @pytest.mark.slow
-def test_compiled_pipeline_matches_eager(pipes: tuple[Pipeline, Pipeline], tmp_path: Path) -> None:
-    eager, compiled = pipes
-    compile_pipeline_modules(compiled, "default")
-    video = make_video(tmp_path / "clip.mp4", seconds=1.5, fps=25, size=(96, 64))
-    runs = {}
-    for name, pipe in (("eager", eager), ("compiled", compiled)):
-        prepared = pipe.prepare(request(video=video))
-        features = pipe.encode([prepared])
-        latents = pipe.sample(features, pipe.initial_noise([prepared]), 2, 4.5)
-        runs[name] = (features, latents, pipe.decode(latents)[1])
-    (ef, el, ew), (cf, cl, cw) = runs["eager"], runs["compiled"]
-    assert relative(cf.clip, ef.clip) < 1e-5
-    assert relative(cf.sync, ef.sync) < 1e-5
-    assert relative(cl, el) < 1e-4
-    assert relative(cw, ew) < 1e-4
-    # the compiled modules really ran compiled code: each holds its compiled call
-    assert all(
-        m._compiled_call_impl is not None for m in (compiled.flow, compiled.clip.clip.visual, compiled.synchformer)
-    )
-    assert all(m.sliced is not None for m in compiled.vocoder.modules() if isinstance(m, AntiAliasedSnakeBeta))
+def test_compiled_flow_step_matches_eager(pipe: Pipeline) -> None:
+    flow, generator = pipe.flow, torch.Generator().manual_seed(0)
+    config, (latent_len, clip_len, sync_len) = flow.config, (20, 8, 16)
+    features = [
+        torch.randn(2, n, d, generator=generator)
+        for n, d in ((clip_len, config.clip_dim), (sync_len, config.sync_dim), (77, config.text_dim))
+    ]
+    cond = flow.preprocess_conditions(*features, latent_len)
+    uncond = flow.empty_conditions(2, latent_len, clip_len, sync_len)
+    x = torch.randn(2, latent_len, config.latent_dim, generator=generator)
+    eager, compiled = eager_then_compiled(flow, lambda: flow.guided_flow(torch.tensor(0.3), x, cond, uncond, 4.5))
+    assert relative(compiled, eager) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_clip_tower_matches_eager(pipe: Pipeline) -> None:
+    size = pipe.clip.config.frame_size
+    images = torch.rand(1, 2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    eager, compiled = eager_then_compiled(pipe.clip.clip.visual, lambda: pipe.clip.encode_images(images))
+    assert relative(compiled, eager) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_synchformer_matches_eager(pipe: Pipeline) -> None:
+    size, frames = pipe.synchformer.config.image_size, pipe.synchformer.config.segment_frames
+    video = torch.rand(1, frames, 3, size, size, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    eager, compiled = eager_then_compiled(pipe.synchformer, lambda: pipe.synchformer.encode_video(video))
+    assert relative(compiled, eager) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_vocoder_activations_match_eager(pipe: Pipeline) -> None:
+    vocoder = pipe.vocoder
+    mel = torch.randn(1, vocoder.config.n_mels, 6, generator=torch.Generator().manual_seed(3))
+    activations = [m for m in vocoder.modules() if isinstance(m, AntiAliasedSnakeBeta)]
+    with torch.inference_mode():
+        eager = vocoder(mel)
+        vocoder.compile_activations()
+        try:
+            compiled = vocoder(mel)
+            assert all(m.sliced is not None for m in activations)
+        finally:
+            for m in activations:
+                m.sliced = None
+    assert relative(compiled, eager) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,3 +210,11 @@ def test_float16_overflow_reruns_the_batch_in_bfloat16() -> None:
     # the float16 weights are back as they were
     assert pipe.dtype == torch.float16 and pipe.flow.final_layer.conv.weight is conv_weight
     assert conv_weight.dtype == torch.float16 and pipe.vocoder.conv_post.weight.dtype == torch.float32
+
+
+def test_compile_option_compiles_each_module_lazily() -> None:
+    pipe = tiny_pipeline(VARIANT, compile_modules=True)
+    for module in (pipe.flow, pipe.clip.clip.visual, pipe.synchformer):
+        assert module._compiled_call_impl is not None  # compiled on its first call, not here
+    assert all(m.sliced is not None for m in pipe.vocoder.modules() if isinstance(m, AntiAliasedSnakeBeta))
+    assert tiny_pipeline(VARIANT).flow._compiled_call_impl is None
