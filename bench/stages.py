@@ -93,10 +93,14 @@ def random_state_dicts(arch: Architecture, device: str | torch.device, seed: int
     }
 
 
-def random_pipeline(arch: Architecture, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> Pipeline:
-    """Equal seeds give equal weights (in any dtype): the generator runs on ``device`` in float32."""
+def random_pipeline(
+    arch: Architecture, device: str | torch.device, dtype: torch.dtype, seed: int = 0, **options: Any
+) -> Pipeline:
+    """Equal seeds give equal weights (in any dtype): the generator runs on ``device`` in float32.
+    ``options``: further Pipeline arguments (compile_modules, decoder_dtype, ...)."""
     info = {"kind": "random", "random_weights": True, "id": f"random-{arch.variant}-seed{seed}"}
-    pipe = pipeline_from_state_dicts(arch, random_state_dicts(arch, device, seed), info, device=device, dtype=dtype)
+    state_dicts = random_state_dicts(arch, device, seed)
+    pipe = pipeline_from_state_dicts(arch, state_dicts, info, device=device, dtype=dtype, **options)
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # the float32 state dicts are gone
     return pipe

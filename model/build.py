@@ -28,7 +28,6 @@ from model.vae import VAE_CONFIGS, VAEConfig, VAEDecoder
 from model.vocoder import VOCODER_CONFIGS, BigVGAN, VocoderConfig
 from model.weights.manifest import VariantPaths, official_manifest, paths_for
 from model.weights.verification import verify
-from model.windows import DEFAULT_OVERLAP, DEFAULT_SCHEDULE, WindowSchedule
 
 VARIANTS = tuple(FLOW_CONFIGS)
 WeightsKind = Literal["official", "tiny"]
@@ -99,18 +98,18 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     frame_path: FramePath = "exact",
     cuda_graphs: bool = True,
-    window_overlap: float = DEFAULT_OVERLAP,
-    window_schedule: WindowSchedule = DEFAULT_SCHEDULE,
+    **options: Any,
 ) -> Pipeline:
     """Official weights from ``weights_dir`` (model.weights lays them out), or the ``tiny`` random preset.
-    ``window_overlap`` and ``window_schedule``: how requests longer than 8 s are windowed (model.windows)."""
+
+    ``options``: further Pipeline arguments: how requests longer than 8 s are windowed (window_overlap,
+    window_schedule: model.windows) and the speed options (compile_modules, compile_mode, cudnn_benchmark).
+    """
     device = device or default_device()
     dtype = dtype or default_dtype(device)
-    options = {"window_overlap": window_overlap, "window_schedule": window_schedule}
+    options = {"device": device, "dtype": dtype, "frame_path": frame_path, "cuda_graphs": cuda_graphs, **options}
     if weights == "tiny":
-        return tiny_pipeline(
-            variant, device=device, dtype=dtype, frame_path=frame_path, cuda_graphs=cuda_graphs, **options
-        )
+        return tiny_pipeline(variant, **options)
     if weights != "official":
         raise ValueError(f"weights must be 'official' or 'tiny', not {weights!r}")
     _flow_config(variant)
@@ -127,9 +126,7 @@ def load_pipeline(
     flow_file = manifest.files[manifest.variants[variant]["flow"]]
     # the published md5 of the flow checkpoint names the weights (verify() checks the files against it)
     info = {"kind": "official", "random_weights": False, "id": f"{flow_file.file}:{flow_file.md5}"}
-    return pipeline_from_files(
-        arch, paths, info, device=device, dtype=dtype, frame_path=frame_path, cuda_graphs=cuda_graphs, **options
-    )
+    return pipeline_from_files(arch, paths, info, **options)
 
 
 def pipeline_from_files(

@@ -105,17 +105,34 @@ def token_projection(in_dim: int, out_dim: int, kernel_size: int | None, bias: b
 
 
 class SwiGLU(nn.Module):
-    """Bias-free gated feed-forward w2(silu(w1 x) * w3 x); Linear or convolutional (kernel_size)."""
+    """Bias-free gated feed-forward w2(silu(w1 x) * w3 x); Linear or convolutional (kernel_size).
+
+    w1 and w3 run as one projection ``w13`` of twice the width (one GEMM instead of two over the same input).
+    The state dict keeps the official keys w1.weight and w3.weight: they are the two halves of w13.weight.
+    """
 
     def __init__(self, dim: int, expanded_dim: int, kernel_size: int | None = None) -> None:
         super().__init__()
-        hidden = SWIGLU_MULTIPLE * math.ceil(int(2 * expanded_dim / 3) / SWIGLU_MULTIPLE)
-        self.w1 = token_projection(dim, hidden, kernel_size, bias=False)
-        self.w2 = token_projection(hidden, dim, kernel_size, bias=False)
-        self.w3 = token_projection(dim, hidden, kernel_size, bias=False)
+        self.hidden = SWIGLU_MULTIPLE * math.ceil(int(2 * expanded_dim / 3) / SWIGLU_MULTIPLE)
+        self.w13 = token_projection(dim, 2 * self.hidden, kernel_size, bias=False)
+        self.w2 = token_projection(self.hidden, dim, kernel_size, bias=False)
+        self.register_state_dict_post_hook(_split_w13)
+        self.register_load_state_dict_pre_hook(_merge_w13)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, value = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * value)
+
+
+def _split_w13(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: object) -> None:
+    w1, w3 = state_dict.pop(prefix + "w13.weight").chunk(2, dim=0)
+    state_dict[prefix + "w1.weight"], state_dict[prefix + "w3.weight"] = w1, w3
+
+
+def _merge_w13(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: object) -> None:
+    if prefix + "w1.weight" in state_dict and prefix + "w3.weight" in state_dict:
+        w1, w3 = state_dict.pop(prefix + "w1.weight"), state_dict.pop(prefix + "w3.weight")
+        state_dict[prefix + "w13.weight"] = torch.cat([w1, w3], dim=0)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -123,17 +140,25 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate consecutive channel pairs (x[2i], x[2i+1]) of (B, H, N, head_dim) by the complex (N, head_dim/2)
-    table: (cos x0 - sin x1, sin x0 + cos x1), in float32 at least (one complex product: few kernels per call)."""
-    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(*x.shape[:-1], -1, 2)
-    return torch.view_as_real(torch.view_as_complex(pairs) * rope).flatten(-2).to(x.dtype)
+    """Rotate consecutive channel pairs (x[2i], x[2i+1]) of (B, H, N, head_dim) by the angles of the (2, N, head_dim)
+    table: (cos x0 - sin x1, sin x0 + cos x1), in float32 at least.
+
+    Real-valued (x * cos + swapped pairs * signed sin) rather than a complex product, so that a compiler fuses
+    it with the norms around it (inductor has no complex kernels); the same products and sums as the complex one.
+    """
+    cos, signed_sin = rope
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    return (xf * cos + swapped * signed_sin).to(x.dtype)
 
 
 def rope_table(length: int, scaling: float, head_dim: int, theta: float, device: torch.device) -> Tensor:
-    """exp(i angle(pos, k)), angle = pos * scaling / theta^(2k / head_dim), complex64 of shape (length, head_dim/2)."""
+    """(cos, signed sin) of angle(pos, k) = pos * scaling / theta^(2k / head_dim), float32 of shape
+    (2, length, head_dim): cos repeated for both channels of a pair, sin negated for the first one."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * (freqs * scaling)
-    return torch.complex(angles.cos(), angles.sin())
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([torch.stack([cos, cos], -1), torch.stack([-sin, sin], -1)]).flatten(-2)
 
 
 def joint_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -147,7 +172,7 @@ T = TypeVar("T")
 class DerivedTables:
     """Constants derived from sizes (RoPE rotations, time frequencies, sync token map), keyed by what they depend on.
 
-    Kept out of the state dict so that .to(bfloat16) cannot round them (they stay float32 / complex64) and so
+    Kept out of the state dict so that .to(bfloat16) cannot round them (they stay float32) and so
     that a request's sequence lengths never become model state.  Built outside inference mode so that a table
     made while serving stays usable in any later autograd mode.
     """
@@ -470,7 +495,14 @@ class FlowNetwork(Loadable, nn.Module):
         return self.tables.get(("sync_index", sync_len, latent_len, device), make)
 
     def predict_flow(self, latent: Tensor, t: Tensor, conditions: Conditions) -> Tensor:
-        """Velocity for latents (B, latent_len, latent_dim) at times t (B,) (or a scalar for all); module dtype."""
+        """Velocity for latents (B, latent_len, latent_dim) at times t (B,) (or a scalar for all); module dtype.
+
+        Goes through ``forward`` by calling the module, so that ``FlowNetwork.compile()`` (nn.Module.compile)
+        compiles every caller's step: the eager sampler, guided_flow and the captured CUDA-graph step.
+        """
+        return self(latent, t, conditions)
+
+    def forward(self, latent: Tensor, t: Tensor, conditions: Conditions) -> Tensor:
         batch, latent_len, _ = latent.shape
         clip_len = conditions.clip_f.shape[1]
         if conditions.sync_f.shape[1] != latent_len:

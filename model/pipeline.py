@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -188,6 +188,9 @@ class Pipeline:
         window_overlap: float = DEFAULT_OVERLAP,
         window_schedule: WindowSchedule = DEFAULT_SCHEDULE,
         window_batch: int = 16,
+        compile_modules: bool = False,
+        compile_mode: CompileMode = "default",
+        cudnn_benchmark: bool = True,
     ) -> None:
         self.architecture = architecture
         self.variant = architecture.variant
@@ -212,6 +215,10 @@ class Pipeline:
         self._text_cache: dict[str, Tensor] = {}
         # kernel launches, not arithmetic, bound the flow network on a GPU: replay captured steps there
         self.graphed_sampler = GraphedEulerSampler(self.flow) if cuda_graphs and self.device.type == "cuda" else None
+        if self.device.type == "cuda":  # every batch shape is fixed: cuDNN may time its algorithms once per shape
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+        if compile_modules:
+            compile_pipeline_modules(self, compile_mode)
 
     # -- stages ----------------------------------------------------------------------------------
 
@@ -403,11 +410,26 @@ class Pipeline:
                 groups.setdefault(p.batch_key, []).append(i)
         for indices in groups.values():
             batch = [prepared[i] for i in indices]
-            for i, result in zip(indices, self._generate_group(batch, report), strict=True):
+            for i, result in zip(indices, self._generate_group_finite(batch, report), strict=True):
                 results[i] = result
         elapsed = time.perf_counter() - start
         for p, result in zip(prepared, results, strict=True):
             result.metadata["timings"]["total"] = p.decode_seconds + elapsed
+        return results
+
+    def _generate_group_finite(
+        self, batch: Sequence[PreparedRequest], report: ProgressCallback
+    ) -> list[GenerationResult]:
+        """``_generate_group``; in float16, a batch whose audio is not finite (an overflow) is run again in
+        bfloat16 (float32's range), and its results say so in metadata["dtype_fallback"]."""
+        results = self._generate_group(batch, report)
+        if self.dtype != torch.float16 or all(bool(torch.isfinite(r.audio).all()) for r in results):
+            return results
+        log.warning("float16 batch of %d requests gave non-finite audio: running it again in bfloat16", len(batch))
+        with running_in(self, torch.bfloat16):
+            results = self._generate_group(batch, report)
+        for result in results:
+            result.metadata["dtype_fallback"] = "bfloat16"
         return results
 
     def _generate_group(self, batch: Sequence[PreparedRequest], report: ProgressCallback) -> list[GenerationResult]:
@@ -642,6 +664,46 @@ class Pipeline:
             "weights": dict(self.weights_info),
             "timings": timings,
         }
+
+
+CompileMode = Literal["default", "max-autotune-no-cudagraphs"]  # never inductor's own CUDA graphs: we capture ours
+
+
+def compile_pipeline_modules(pipe: Pipeline, mode: CompileMode) -> None:
+    """torch.compile the flow step (inside our per-step CUDA graph when there is one; one compilation per batch
+    shape), CLIP's image tower, the Synchformer and the vocoder's activations.  Compilation happens lazily, on
+    the first call of each shape (a worker's warm-up pays for the first)."""
+    pipe.flow.compile(mode=mode, dynamic=False)
+    pipe.clip.clip.visual.compile(mode=mode)
+    pipe.synchformer.compile(mode=mode)
+    pipe.vocoder.compile_activations(mode)
+
+
+@contextmanager
+def running_in(pipe: Pipeline, dtype: torch.dtype) -> Iterator[None]:
+    """Run ``pipe``'s ``pipe.dtype`` parts in ``dtype`` for a while, eagerly: each parameter and buffer of that dtype
+    is cast to a copy and put back afterwards, so the original tensors (and the CUDA graphs captured on them) stay
+    as they were.  Decoders in another dtype (float32) are left alone."""
+    modules = (pipe.flow, pipe.clip, pipe.synchformer, pipe.vae, pipe.vocoder)
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.dtype == pipe.dtype]
+    originals = [t.data for t in tensors]
+    saved = pipe.dtype, pipe.decoder_dtype, pipe.graphed_sampler, dict(pipe._text_cache)
+    try:
+        for t in tensors:
+            t.data = t.data.to(dtype)
+        if pipe.decoder_dtype == pipe.dtype:
+            pipe.decoder_dtype = dtype
+        pipe.dtype = dtype
+        pipe.graphed_sampler = None  # a graph captured on the temporary copies would outlive them
+        pipe._text_cache.clear()
+        with torch.compiler.set_stance("force_eager"):  # a rare path: no compilation for it
+            yield
+    finally:
+        for t, original in zip(tensors, originals, strict=True):
+            t.data = original
+        pipe.dtype, pipe.decoder_dtype, pipe.graphed_sampler, text_cache = saved
+        pipe._text_cache.clear()
+        pipe._text_cache.update(text_cache)
 
 
 def validate(request: GenerationRequest) -> None:

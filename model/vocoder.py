@@ -11,7 +11,7 @@ right after loading.  Parameter names are those of the official files.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -226,18 +226,60 @@ class SnakeBeta(nn.Module):
         return x.addcmul_(wave, self.inverse_magnitude)
 
 
+def sliced_anti_aliased_snake(
+    x: torch.Tensor,
+    up_filters: torch.Tensor,
+    down_filters: torch.Tensor,
+    frequency: torch.Tensor,
+    inverse_magnitude: torch.Tensor,
+) -> torch.Tensor:
+    """The anti-aliased SnakeBeta of (B, C, T) as shifted multiply-adds on slices, the form a compiler fuses.
+
+    The same polyphase arithmetic as Upsample2x -> SnakeBeta -> Downsample2x (``up_filters``, ``down_filters``:
+    the (2, PHASE_TAPS) phase filters; ``frequency``, ``inverse_magnitude``: SnakeBeta's (C, 1, 1) constants),
+    written without convolutions or in-place edge writes: inductor turns it into two kernels (upsample + snake,
+    downsample), where the convolution form makes about 13 passes over memory.
+    """
+    length = x.shape[-1]
+    # y[2m] needs x[m - 3 : m + 3] and y[2m + 1] needs x[m - 2 : m + 4]: pad x by 3 replicated samples per side
+    padded = F.pad(x, (3, 3), mode="replicate")
+    odd = sum(up_filters[0, k] * padded[..., k + 1 : k + 1 + length] for k in range(PHASE_TAPS))
+    even = sum(up_filters[1, k] * padded[..., k : k + length] for k in range(PHASE_TAPS))
+    y = torch.stack([odd, even], dim=2)  # (B, C, 2, T), as Upsample2x's planes without their padding
+    y = y + torch.sin(y * frequency) ** 2 * inverse_magnitude
+    # Upsample2x's padded planes: replicate y[0] (even[0]) on the left, y[2T - 1] (odd[T - 1]) on the right
+    first, last = y[..., 1, :1], y[..., 0, -1:]
+    odd_planes = torch.cat([first.expand(*first.shape[:-1], 3), y[..., 0, :], last.expand(*last.shape[:-1], 2)], -1)
+    even_planes = torch.cat([first.expand(*first.shape[:-1], 2), y[..., 1, :], last.expand(*last.shape[:-1], 3)], -1)
+    return sum(
+        down_filters[0, j] * odd_planes[..., j : j + length] + down_filters[1, j] * even_planes[..., j : j + length]
+        for j in range(PHASE_TAPS)
+    )
+
+
 class AntiAliasedSnakeBeta(nn.Module):
-    """SnakeBeta evaluated at twice the sample rate so its harmonics above Nyquist are filtered out."""
+    """SnakeBeta evaluated at twice the sample rate so its harmonics above Nyquist are filtered out.
+
+    Eagerly, convolutions (few kernels); with ``sliced`` set (BigVGAN.compile_activations) the compiled
+    sliced_anti_aliased_snake, one function shared by every activation.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.act = SnakeBeta(channels)
         self.upsample = Upsample2x(channels)
         self.downsample = Downsample2x(channels)
+        self.sliced: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sliced is not None:
+            return self.sliced(x, *self.phase_filters(), self.act.frequency, self.act.inverse_magnitude)
         # the activation is pointwise, so it commutes with the replicate padding the upsampler adds
         return self.downsample(self.act(self.upsample(x)))
+
+    def phase_filters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (2, PHASE_TAPS) up- and downsampling phase filters (every channel has the same)."""
+        return self.upsample.phase_filters[:2, 0], self.downsample.lowpass.phase_filters[0, 0]
 
 
 class AMPBlock(nn.Module):
@@ -321,6 +363,14 @@ class BigVGAN(Loadable, nn.Module):
                 module.derive_constants()
         return vocoder.eval()
 
+    def compile_activations(self, mode: str | None = None) -> None:
+        """Run every anti-aliased activation as one compiled sliced_anti_aliased_snake (dynamic shapes: a single
+        compilation serves every stage's channels and lengths).  The convolutions stay cuDNN's / oneDNN's."""
+        sliced = torch.compile(sliced_anti_aliased_snake, mode=mode, dynamic=True)
+        for module in self.modules():
+            if isinstance(module, AntiAliasedSnakeBeta):
+                module.sliced = sliced
+
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, n_mels, T) -> (B, 1, T * hop)."""
         x = self.conv_pre(mel)
@@ -334,4 +384,3 @@ class BigVGAN(Loadable, nn.Module):
             x = total / blocks_per_stage  # the block outputs are averaged
         x = self.conv_post(self.activation_post(x))
         return torch.tanh(x) if self.config.final_tanh else x.clamp(-1.0, 1.0)
-

@@ -224,6 +224,11 @@ class WeightsInfo(BaseModel):
 class ModelInfo(BaseModel):
     variant: str = Field(description="The model variant.", examples=["large_44k_v2"])
     weights: WeightsInfo = Field(description="The weights it runs with.")
+    dtype_fallback: str | None = Field(
+        None,
+        description="Set when the job's float16 batch overflowed and was run again in this dtype.",
+        examples=["bfloat16"],
+    )
 
 
 class JobError(BaseModel):

@@ -57,6 +57,18 @@ class Settings(BaseSettings):
         description="Video frame resizing: `exact` reproduces the official frames; `fast` scales in libswscale "
         "(several times cheaper, a few uint8 codes off).",
     )
+    # GPU speed (issue 13)
+    compile: bool = Field(
+        False,
+        description="torch.compile the flow step (inside its CUDA graph), CLIP's image tower, the Synchformer and "
+        "the vocoder's activations; each new batch shape compiles once (minutes on a CPU: keep it off there).",
+    )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="Inductor mode when `compile` is on (never inductor's own CUDA graphs)."
+    )
+    cudnn_benchmark: bool = Field(
+        True, description="On CUDA, let cuDNN time its convolution algorithms once per (fixed) batch shape."
+    )
 
     # --- processes ----------------------------------------------------------------------------------------------
     redis_url: str | None = Field(
@@ -195,6 +207,18 @@ class Settings(BaseSettings):
         gt=0,
         description="Jobs asking for more seconds than this (more than one 8 s window of the model) are "
         "claimed alone, never batched with other jobs.",
+    )
+    window_overlap_seconds: int = Field(
+        2,
+        ge=1,
+        le=3,
+        description="Seconds two neighbouring 8 s windows of a long request share (pinned to the neighbour's "
+        "latents while sampling, then crossfaded).",
+    )
+    window_schedule: Literal["batched", "sequential"] = Field(
+        "batched",
+        description="`batched`: every other window in one batched pass, then the ones between them pinned at both "
+        "ends; `sequential`: left to right, each window pinned to the one before.",
     )
 
     # --- storage ------------------------------------------------------------------------------------------------

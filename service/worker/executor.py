@@ -312,7 +312,10 @@ class JobExecutor:
         job.timings["model"] = result.metadata["timings"]
         job.timings["batch_size"] = result.metadata["batch_size"]
         job.timings["total"] = time.time() - job.record.created_at
-        if self._end(job, JobStatus.succeeded, result=result_info):
+        model = {}
+        if "dtype_fallback" in result.metadata:  # the claim recorded the model before the batch ran
+            model["model"] = self.model_info().model_copy(update={"dtype_fallback": result.metadata["dtype_fallback"]})
+        if self._end(job, JobStatus.succeeded, result=result_info, **model):
             try:
                 self._record_metrics(job.record.variant, job.timings)
             except REDIS_DOWN as err:  # the job is done; its share of the metrics is not worth a wait

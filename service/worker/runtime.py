@@ -119,6 +119,11 @@ def load_pipeline(settings: Settings) -> Pipeline:
         device=settings.device,
         dtype=getattr(torch, settings.dtype) if settings.dtype else None,
         frame_path=settings.frame_path,
+        compile_modules=settings.compile,
+        compile_mode=settings.compile_mode,
+        cudnn_benchmark=settings.cudnn_benchmark,
+        window_overlap=settings.window_overlap_seconds,
+        window_schedule=settings.window_schedule,
     )
 
 
