@@ -219,7 +219,16 @@ class Links(BaseModel):
 class Job(BaseModel):
     id: str
     status: JobStatus
-    queue_position: int | None = Field(None, description="1 = the next job a worker takes; only while queued.")
+    queue_position: int | None = Field(
+        None,
+        description="1 = the next job a worker takes; only while queued. Exact near the head of the queue "
+        "(MMAUDIO_QUEUE_POSITION_SCAN), estimated further back.",
+    )
+    estimated_start_at: datetime | None = Field(
+        None,
+        description="When a worker should start this queued job: its position times the recent interval between "
+        "job starts of its variant. Null unless queued, and while no worker serves the variant.",
+    )
     progress: Progress | None = None
     cancel_requested: bool = False
     created_at: datetime

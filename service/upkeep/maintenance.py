@@ -81,6 +81,7 @@ class Maintenance:
                 job_id,
                 attempt + 1,
                 self.settings.job_timeout_seconds,
+                self.settings.upload_ttl_seconds,
                 pipeline=pipe,
                 at_front=True,
             )

@@ -32,6 +32,7 @@ from model import build
 from model.pipeline import Pipeline
 from model.request import GenerationRequest
 from service import heartbeats
+from service.connection import connect
 from service.jobs import JobStore
 from service.settings import Settings, get_settings
 from service.storage import make_store
@@ -178,7 +179,7 @@ class WorkerLoop:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
-    redis = Redis.from_url(settings.redis_address)
+    redis = connect(settings)
     name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     heartbeat = Heartbeat(redis, name, settings)
     RedisOutage(settings.redis_reconnect_max_seconds).wait_until_reachable(redis)
