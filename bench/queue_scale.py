@@ -10,9 +10,11 @@ connection and QueueClaims, as a worker has) that claim batches of up to --max-b
 is empty. Jobs have one of three (duration, steps) groups, so claims batch within the window.
 
 Prints claims per second over the whole drain, p50/p99 of one claim's latency as a claimer sees it (the
-round trips, the script, the contention of every claimer on the machine's cores), Redis's own time per claim
-script (INFO commandstats: the time Redis is blocked for every other client) and the proof: every job
-claimed exactly once (no id twice, none missing, each job `running` at attempt 1 in Redis).
+round trips, the script, the contention of every claimer on the machine's cores), Redis's time per claim
+script (INFO commandstats: how long Redis is blocked for every other client, waits for a core included) and
+the CPU time of Redis's main thread per claim (INFO cpu: every command of a claim, not inflated by a busy
+machine), and the proof: every job claimed exactly once (no id twice, none missing, each job `running` at
+attempt 1 in Redis).
 
 --claims-from COMMIT loads service/worker/claims.py of that commit (`git show`; 625401f is the claim that
 read the whole queue) to compare; --claim-budget stops after that many claims (the old claim needs minutes
@@ -127,6 +129,13 @@ def used_memory(redis: Redis) -> int:
     return int(redis.info("memory")["used_memory"])
 
 
+def redis_cpu_seconds(redis: Redis) -> float:
+    """CPU time of Redis's main thread (the one running commands): unlike its command timings, not inflated
+    when the machine is busy and the thread waits for a core."""
+    cpu = redis.info("cpu")
+    return float(cpu["used_cpu_user_main_thread"]) + float(cpu["used_cpu_sys_main_thread"])
+
+
 def script_usec_per_call(redis: Redis) -> float:
     stats = redis.info("commandstats")
     calls = sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval"))
@@ -154,6 +163,7 @@ def run_size(port: int, settings: Settings, module: ModuleType, size: int, claim
     assert queue.depth(redis, VARIANT) == size == len(created)
     per_job = (used_memory(redis) - before) / size
     redis.config_resetstat()
+    cpu_before = redis_cpu_seconds(redis)
 
     start = multiprocessing.Event()
     left = multiprocessing.Value("l", budget if budget is not None else 1 << 62)
@@ -171,6 +181,8 @@ def run_size(port: int, settings: Settings, module: ModuleType, size: int, claim
     for process in processes:
         process.join()
     wall = max(ended for _, _, ended in results) - started
+    redis_cpu = redis_cpu_seconds(redis) - cpu_before  # read before the checks below add their own
+    script_usec = script_usec_per_call(redis)
 
     taken = [job_id for ids, _, _ in results for job_id in ids]
     latencies = [seconds for _, values, _ in results for seconds in values]
@@ -186,7 +198,8 @@ def run_size(port: int, settings: Settings, module: ModuleType, size: int, claim
         f"{size:>7} queued | made in {made:6.1f} s, {per_job:6.0f} B/job | {claims_made:>6} claims "
         f"({len(taken) / max(claims_made, 1):.1f} jobs each) in {wall:6.2f} s: {claims_made / wall:7.0f} claims/s, "
         f"{len(taken) / wall:7.0f} jobs/s | latency p50 {1000 * statistics.median(latencies):7.2f} ms "
-        f"p99 {1000 * percentile(latencies, 0.99):7.2f} ms | Redis {script_usec_per_call(redis):8.1f} us/script | "
+        f"p99 {1000 * percentile(latencies, 0.99):7.2f} ms | Redis: {script_usec:7.0f} us/script, "
+        f"{1e6 * redis_cpu / claims_made:7.0f} us CPU/claim | "
         f"exactly once: {'yes' if once and running else 'NO'}, all claimed: {'yes' if complete else 'no'}"
         f" ({len(taken)}/{size})",
         flush=True,

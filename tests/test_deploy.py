@@ -68,91 +68,94 @@ KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")  # an older supported release and the
 # fields we use (from KEDA 2.x's ScaledObject and TriggerAuthentication specs): required fields, types, and
 # no unknown field, so a misspelt key fails here rather than being ignored by the cluster.
 NAME = {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}
-KEDA_SCHEMAS = {
-    "ScaledObject": {
+
+
+def keda_resource(spec: dict) -> dict:
+    """Schema of a keda.sh/v1alpha1 resource with a name and this ``spec``."""
+    return {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
         "properties": {
             "apiVersion": {"const": "keda.sh/v1alpha1"},
             "metadata": {"type": "object", "required": ["name"], "properties": {"name": NAME}},
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["scaleTargetRef", "triggers"],
-                "properties": {
-                    "scaleTargetRef": {
+            "spec": spec,
+        },
+    }
+
+
+KEDA_SCHEMAS = {
+    "ScaledObject": keda_resource(
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["scaleTargetRef", "triggers"],
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "properties": {"name": NAME, "kind": {"type": "string"}, "apiVersion": {"type": "string"}},
+                },
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer", "minimum": 0},
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
                         "type": "object",
                         "additionalProperties": False,
-                        "required": ["name"],
-                        "properties": {"name": NAME, "kind": {"type": "string"}, "apiVersion": {"type": "string"}},
-                    },
-                    "minReplicaCount": {"type": "integer", "minimum": 0},
-                    "maxReplicaCount": {"type": "integer", "minimum": 1},
-                    "pollingInterval": {"type": "integer", "minimum": 1},
-                    "cooldownPeriod": {"type": "integer", "minimum": 0},
-                    "triggers": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["type", "metadata"],
-                            "properties": {
-                                "type": {"const": "redis"},
-                                "metadata": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "required": ["address", "listName", "listLength"],
-                                    "properties": {
-                                        "address": {"type": "string", "pattern": "^[^:/]+:[0-9]+$"},
-                                        "listName": {"type": "string"},
-                                        "listLength": {"type": "string", "pattern": "^[1-9][0-9]*$"},
-                                        "activationListLength": {"type": "string", "pattern": "^[0-9]+$"},
-                                        "enableTLS": {"enum": ["true", "false"]},
-                                        "databaseIndex": {"type": "string", "pattern": "^[0-9]+$"},
-                                    },
+                        "required": ["type", "metadata"],
+                        "properties": {
+                            "type": {"const": "redis"},
+                            "metadata": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["address", "listName", "listLength"],
+                                "properties": {
+                                    "address": {"type": "string", "pattern": "^[^:/]+:[0-9]+$"},
+                                    "listName": {"type": "string"},
+                                    "listLength": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+                                    "activationListLength": {"type": "string", "pattern": "^[0-9]+$"},
+                                    "enableTLS": {"enum": ["true", "false"]},
+                                    "databaseIndex": {"type": "string", "pattern": "^[0-9]+$"},
                                 },
-                                "authenticationRef": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "required": ["name"],
-                                    "properties": {"name": NAME},
-                                },
+                            },
+                            "authenticationRef": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["name"],
+                                "properties": {"name": NAME},
                             },
                         },
                     },
                 },
             },
         },
-    },
-    "TriggerAuthentication": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "keda.sh/v1alpha1"},
-            "metadata": {"type": "object", "required": ["name"], "properties": {"name": NAME}},
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["secretTargetRef"],
-                "properties": {
-                    "secretTargetRef": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["parameter", "name", "key"],
-                            "properties": {
-                                "parameter": {"enum": ["username", "password", "ca", "cert", "key", "tls"]},
-                                "name": NAME,
-                                "key": {"type": "string"},
-                            },
+    ),
+    "TriggerAuthentication": keda_resource(
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["secretTargetRef"],
+            "properties": {
+                "secretTargetRef": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["parameter", "name", "key"],
+                        "properties": {
+                            "parameter": {"enum": ["username", "password", "ca", "cert", "key", "tls"]},
+                            "name": NAME,
+                            "key": {"type": "string"},
                         },
-                    }
-                },
+                    },
+                }
             },
         },
-    },
+    ),
 }
 
 
