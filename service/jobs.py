@@ -24,7 +24,8 @@ from pydantic import BaseModel
 from redis import Redis
 from redis.client import Pipeline
 
-from service import keys, queue
+from service import capacity, keys, queue
+from service.capacity import QueuePlace
 from service.problems import problem_body
 from service.schemas import (
     EffectiveParams,
@@ -92,6 +93,11 @@ return change_job(KEYS[1], KEYS[2], KEYS[3], ARGV[7], ARGV[1], ARGV[2], ARGV[3],
                   fields)
 """
 )
+
+
+# KEYS: the variant's queued-job counter, the job hash. Numbers the job in arrival order (queue.position); run in
+# the transaction that queues the job, so the numbers follow the order of the queue.
+NUMBER_SCRIPT = "redis.call('HSET', KEYS[2], 'queue_seq', redis.call('INCR', KEYS[1]))"
 
 
 def schedule_webhook(redis: Redis, job_id: str, due: float | None = None) -> None:
@@ -231,27 +237,32 @@ class JobStore:
         self.store = store
         self._update = redis.register_script(UPDATE_SCRIPT)
 
-    def create(self, record: JobRecord) -> None:
-        """Save a new queued job and put its first attempt on its variant's queue, in one transaction."""
+    def create(self, *records: JobRecord) -> None:
+        """Save new queued jobs and put their first attempts on their variants' queues, in one transaction (the
+        API creates one job at a time; more at once save round trips, as for the queue benchmark)."""
+        lifetime = self.settings.upload_ttl_seconds + self.settings.result_ttl_seconds
         with self.redis.pipeline() as pipe:
             pipe.multi()  # explicit, as RQ expects of a pipeline it enqueues on
-            pipe.hset(keys.job(record.id), mapping=record.to_hash())
-            pipe.expire(keys.job(record.id), self.settings.upload_ttl_seconds)
-            pipe.hincrby(keys.STATUS_COUNTS, JobStatus.queued.value, 1)
-            # the owner's index outlives none of its jobs: a job lives at most this long after its creation
-            lifetime = self.settings.upload_ttl_seconds + self.settings.result_ttl_seconds
-            index = keys.owner_jobs(record.owner)
-            pipe.zadd(index, {record.id: record.created_at})
-            pipe.zremrangebyscore(index, "-inf", f"({record.created_at - lifetime!r}")
-            pipe.expire(index, lifetime)
-            queue.enqueue(
-                self.redis,
-                record.variant,
-                record.id,
-                record.attempts + 1,
-                record.timeout_seconds(self.settings),
-                pipeline=pipe,
-            )
+            for record in records:
+                job_key = keys.job(record.id)
+                pipe.hset(job_key, mapping=record.to_hash())
+                pipe.expire(job_key, self.settings.upload_ttl_seconds)
+                pipe.hincrby(keys.STATUS_COUNTS, JobStatus.queued.value, 1)
+                # the owner's index outlives none of its jobs: a job lives at most this long after its creation
+                index = keys.owner_jobs(record.owner)
+                pipe.zadd(index, {record.id: record.created_at})
+                pipe.zremrangebyscore(index, "-inf", f"({record.created_at - lifetime!r}")
+                pipe.expire(index, lifetime)
+                pipe.eval(NUMBER_SCRIPT, 2, keys.queued_count(record.variant), job_key)  # short: no SHA round trip
+                queue.enqueue(
+                    self.redis,
+                    record.variant,
+                    record.id,
+                    record.attempts + 1,
+                    record.timeout_seconds(self.settings),
+                    self.settings.upload_ttl_seconds,
+                    pipeline=pipe,
+                )
             pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -431,10 +442,16 @@ class JobStore:
             if len(chunk) <= limit:
                 return found, None
 
-    def queue_position(self, record: JobRecord) -> int | None:
+    def queue_place(self, record: JobRecord) -> QueuePlace | None:
+        """A queued job's position and estimated start (capacity.drain); None unless it is queued."""
         if record.status is not JobStatus.queued:
             return None
-        return queue.position(self.redis, record.variant, record.id, record.attempts + 1)
+        scan = self.settings.queue_position_scan
+        position = queue.position(self.redis, record.variant, record.id, record.attempts + 1, scan)
+        if position is None:
+            return None
+        wait = capacity.drain(self.redis, self.settings, record.variant).wait_seconds(position)
+        return QueuePlace(position, None if wait is None else time.time() + wait)
 
     def running_ids(self) -> list[str]:
         return [job_id.decode() for job_id in self.redis.smembers(keys.RUNNING_JOBS)]

@@ -1,6 +1,26 @@
-"""Every Redis key and channel the service uses, named in one place."""
+"""Every Redis key and channel the service uses, named in one place.
 
-PREFIX = "mmaudio:"
+Hash tag: every key of ours starts with ``{mmaudio}:``, so Redis Cluster puts all of them in one slot. The
+Lua scripts read and write many keys at once (a claim: the job hashes of its window, the running set, the
+status counts, reservations and worker heartbeats; a job change: the job hash, the running set, the status
+counts), and Cluster runs a script only when its keys share a slot; the job keys are named by job id alone
+(the API looks a job up by id), so a per-variant tag could not cover them. One slot also keeps the pipelines
+that read several jobs (MGET of heartbeats, listings) single-node.
+
+The boundary is RQ's keys, which cannot carry a tag: RQ names a queue's list ``rq:queue:<queue name>`` and a
+queued job's hash ``rq:job:<RQ job id>``, and it refuses braces in job ids. We keep RQ's format (a stock
+``rq worker`` serves our queues), so:
+  - the queue list ``rq:queue:mmaudio-<variant>`` is the one foreign key of the claim and reserve scripts
+    (taking entries off it atomically with the jobs' status change is the point of a claim) and of the
+    transactions that queue a job (``JobStore.create``, the reaper's retry), together with RQ's job hash;
+  - the claim script never touches RQ's job hashes: the worker deletes those of the entries it took or
+    dropped right after, and each expires with its job anyway (``queue.enqueue``).
+RQ itself runs MULTI transactions over ``rq:job:*``, ``rq:queue:*`` and ``rq:queues``, so it does not run on
+Redis Cluster; neither, therefore, does the service: it needs one Redis endpoint (standalone, or a managed
+primary with replicas and failover). Everything else already fits a single Cluster slot.
+"""
+
+PREFIX = "{mmaudio}:"
 
 RUNNING_JOBS = PREFIX + "running"  # set of job ids in status running (scanned for abandoned jobs)
 WORKERS = PREFIX + "workers"  # set of worker names ever seen; the live ones also have a heartbeat key
@@ -44,10 +64,16 @@ def claims(variant: str) -> str:
     return f"{PREFIX}stats:claims:{variant}"
 
 
+def queued_count(variant: str) -> str:
+    """Counter of the jobs ever queued for a variant: each job keeps its number (`queue_seq`), which places it
+    in a long queue without scanning the list (queue.position)."""
+    return f"{PREFIX}queued:{variant}"
+
+
 def stage_histogram(stage: str) -> str:
     return f"{PREFIX}stats:stage:{stage}"
 
 
 def queue_name(variant: str) -> str:
-    """RQ queue of one variant (workers of a variant listen only to it)."""
+    """RQ queue of one variant (workers of a variant listen only to it); its list is RQ's, untagged (see above)."""
     return f"mmaudio-{variant}"

@@ -13,8 +13,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from redis import Redis
 
-from service import heartbeats, keys, queue
+from service import capacity, heartbeats, keys, queue
 from service.schemas import JobStatus
+from service.settings import Settings
 
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, math.inf)
 STAGES = keys.PREFIX + "stats:stages"  # set of stage names with a histogram
@@ -37,9 +38,10 @@ def record_stages(redis: Redis, seconds_by_stage: dict[str, float]) -> None:
 
 
 class RedisCollector(Collector):
-    def __init__(self, redis: Redis, variants: list[str]) -> None:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
-        self.variants = variants
+        self.settings = settings
+        self.variants = settings.enabled_variants
 
     def collect(self) -> Iterator:
         counts = {key.decode(): int(value) for key, value in self.redis.hgetall(keys.STATUS_COUNTS).items()}
@@ -64,6 +66,18 @@ class RedisCollector(Collector):
         for variant in sorted({*self.variants, *(info["variant"] for info in live)}):
             gauge.add_metric([variant], sum(1 for info in live if info["variant"] == variant and info["ready"]))
         yield gauge
+
+        wait = GaugeMetricFamily(
+            "mmaudio_queue_wait_seconds",
+            "Estimated wait of a job queued now: the jobs ahead times the recent interval between job starts "
+            "(absent while no worker serves the variant)",
+            labels=["variant"],
+        )
+        for variant, count in depths.items():
+            seconds = capacity.drain(self.redis, self.settings, variant).wait_seconds(count + 1)
+            if seconds is not None:
+                wait.add_metric([variant], seconds)
+        yield wait
 
         histogram = HistogramMetricFamily(
             "mmaudio_stage_duration_seconds", "Seconds each job spent per stage", labels=["stage"]

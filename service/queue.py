@@ -54,15 +54,19 @@ def enqueue(
     job_id: str,
     attempt: int,
     timeout_seconds: float,
+    ttl_seconds: int,
     pipeline: Pipeline | None = None,
     at_front: bool = False,
 ) -> None:
-    """Queue attempt ``attempt`` of a job; with ``pipeline`` the caller executes it (atomically with its own writes)."""
+    """Queue attempt ``attempt`` of a job; with ``pipeline`` the caller executes it (atomically with its own writes).
+    RQ's hash of the entry expires after ``ttl_seconds`` (the job's own lifetime), so one left behind by a worker
+    that died between its claim and deleting it goes by itself."""
     rq_queue(redis, variant).enqueue_call(
         TASK,
         args=(job_id, attempt),
         job_id=rq_job_id(job_id, attempt),
         timeout=int(timeout_seconds),  # for RQ's tools: the worker enforces the job timeout itself
+        ttl=ttl_seconds,
         result_ttl=0,
         failure_ttl=3600,
         description=f"mmaudio job {job_id} attempt {attempt}",
@@ -81,10 +85,29 @@ def withdraw(redis: Redis, variant: str, job_id: str, attempt: int) -> None:
         pipe.execute()
 
 
-def position(redis: Redis, variant: str, job_id: str, attempt: int) -> int | None:
-    """1-based place in the queue (1 = next to run), None when not queued."""
-    index = redis.lpos(list_key(variant), rq_job_id(job_id, attempt))
-    return None if index is None else index + 1
+def forget_entries(redis: Redis, entries: list[str]) -> None:
+    """Delete RQ's hashes of entries taken off the queue (outside the claim script: they cannot share its slot)."""
+    if entries:
+        redis.delete(*(RQ_JOB_PREFIX + entry for entry in entries))
+
+
+def position(redis: Redis, variant: str, job_id: str, attempt: int, scan: int) -> int | None:
+    """1-based place in the queue (1 = next to run), None when not queued. Exact within the first ``scan``
+    entries (LPOS reads no further); beyond them, the queue's depth less the jobs queued after this one (by
+    their numbers, keys.queued_count): constant time, low by the later jobs that already left the queue."""
+    key = list_key(variant)
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.lpos(key, rq_job_id(job_id, attempt), maxlen=scan)
+        pipe.llen(key)
+        pipe.get(keys.queued_count(variant))
+        pipe.hget(keys.job(job_id), "queue_seq")
+        index, length, last, mine = pipe.execute()
+    if index is not None:
+        return index + 1
+    if length <= scan:
+        return None
+    later = int(last) - int(mine) if last is not None and mine is not None else 0
+    return min(length, max(scan + 1, length - later))
 
 
 def depth(redis: Redis, variant: str) -> int:

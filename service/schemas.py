@@ -301,7 +301,16 @@ class Job(BaseModel):
     id: str = Field(description="The job's id (a UUID).", examples=[JOB_EXAMPLE_ID])
     status: JobStatus = Field(description="Where the job is in its life.", examples=["running"])
     queue_position: int | None = Field(
-        None, description="1 = the next job a worker takes; only while queued.", examples=[1]
+        None,
+        description="1 = the next job a worker takes; only while queued. Exact near the head of the queue "
+        "(MMAUDIO_QUEUE_POSITION_SCAN), estimated further back.",
+        examples=[1],
+    )
+    estimated_start_at: datetime | None = Field(
+        None,
+        description="When a worker should start this queued job: its position times the recent interval between "
+        "job starts of its variant. Null unless queued, and while no worker serves the variant.",
+        examples=["2025-01-01T12:00:05Z"],
     )
     progress: Progress | None = Field(None, description="The stage running and how far it is.")
     cancel_requested: bool = Field(

@@ -20,10 +20,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from redis import Redis
 from redis.exceptions import RedisError
 
 from model.weights.manifest import WeightsError
+from service.connection import connect
 from service.settings import Settings, get_settings
 from service.weights import ensure_weights
 
@@ -101,7 +101,7 @@ def start_redis(settings: Settings) -> Child:
     ]  # fmt: skip
     redis = Child("redis-server", command, dict(os.environ))
     redis.start()
-    client = Redis.from_url(settings.redis_address)
+    client = connect(settings)
     deadline = time.monotonic() + REDIS_START_SECONDS
     while True:
         try:

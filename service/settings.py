@@ -257,6 +257,32 @@ class Settings(BaseSettings):
         "died) is aborted by the API's upkeep.",
     )
 
+    # --- scale-out: queue claims, managed Redis -------------------------------------------------------------
+    claim_window: int = Field(
+        64,
+        ge=1,
+        description="Queue entries a claim or reservation looks at, from the head: the jobs a worker may batch "
+        "together or reserve past. A claim costs this many lookups however long the queue. Keep it at least "
+        "busy workers x `max_batch` so reserve-ahead reaches every worker.",
+    )
+    queue_position_scan: int = Field(
+        1000,
+        ge=1,
+        description="Queue entries searched for a job's exact `queue_position`; further back it is estimated "
+        "from the order jobs arrived in (constant time).",
+    )
+    redis_password_file: Path | None = Field(
+        None,
+        description="File holding the Redis password (a mounted secret); replaces any password in `redis_url`.",
+    )
+    redis_tls_ca_file: Path | None = Field(
+        None, description="CA certificates that sign the Redis server's, for `rediss://` URLs. Empty: the system's."
+    )
+    redis_tls_cert_file: Path | None = Field(
+        None, description="Client certificate for a Redis that requires mutual TLS (with `redis_tls_key_file`)."
+    )
+    redis_tls_key_file: Path | None = Field(None, description="Private key of `redis_tls_cert_file`.")
+
     # --- webhooks -----------------------------------------------------------------------------------------------
     webhook_secret: str | None = Field(
         None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from service.capacity import QueuePlace
 from service.jobs import JobRecord
 from service.results import available_formats
 from service.schemas import Job, JobStatus
@@ -22,8 +23,9 @@ def result_url(base_url: str, job_id: str, fmt: str, sample: int) -> str:
     return f"{job_url(base_url, job_id)}/result?format={fmt}&sample={sample}"
 
 
-def job_view(record: JobRecord, base_url: str, queue_position: int | None) -> dict[str, Any]:
-    """The job object (JSON-ready) of ``record``; validated against the public schema."""
+def job_view(record: JobRecord, base_url: str, place: QueuePlace | None) -> dict[str, Any]:
+    """The job object (JSON-ready) of ``record`` (``place``: where it stands if queued); validated against the
+    public schema."""
     href = job_url(base_url, record.id)
     result = None
     if record.result is not None:
@@ -51,7 +53,8 @@ def job_view(record: JobRecord, base_url: str, queue_position: int | None) -> di
     job = Job(
         id=record.id,
         status=record.status,
-        queue_position=queue_position,
+        queue_position=place and place.position,
+        estimated_start_at=timestamp(place and place.estimated_start_at),
         progress=record.progress,
         cancel_requested=record.cancel_requested,
         created_at=timestamp(record.created_at),

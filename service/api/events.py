@@ -94,8 +94,8 @@ async def sse_stream(state: AppState, job_id: str, base_url: str, seen: int = 0)
             continue
         if record.revision <= seen:
             continue
-        position = await run_in_threadpool(state.jobs.queue_position, record)
-        view = job_view(record, base_url, position)
+        place = await run_in_threadpool(state.jobs.queue_place, record)
+        view = job_view(record, base_url, place)
         if view == previous_view:
             continue
         yield sse_event("status" if record.status != previous_status else "progress", view, record.revision)

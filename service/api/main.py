@@ -13,8 +13,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from redis import Redis
-from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
@@ -25,6 +23,7 @@ from service.api.probing import ProbePool
 from service.api.routes import health, jobs, page
 from service.api.state import AppState
 from service.api.submission import Submitter
+from service.connection import connect, connect_async
 from service.jobs import JobStore
 from service.metrics import RedisCollector
 from service.problems import MEDIA_TYPE, PROBLEMS, ProblemError, problem_body, problems_table
@@ -95,8 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = Redis.from_url(settings.redis_address)
-        events = AsyncRedis.from_url(settings.redis_address)
+        redis = connect(settings)
+        events = connect_async(settings)
         store = make_store(settings, redis)
         job_store = JobStore(redis, settings, store)
         probes = ProbePool(settings)
@@ -114,7 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = CollectorRegistry()
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=registry)
-        registry.register(RedisCollector(redis, settings.enabled_variants))
+        registry.register(RedisCollector(redis, settings))
         app.state.metrics_registry = registry
         webhooks = WebhookSender(redis, settings, job_store)
         upkeep = MaintenanceThread(

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from redis import Redis
 
 from model import probe
-from service import heartbeats, keys, queue
+from service import capacity, keys, queue
 from service.api.probing import ProbePool
 from service.api.uploads import SubmitBody
 from service.jobs import JobRecord, JobStore
@@ -40,7 +40,6 @@ from service.storage import BlobStore, upload_name
 from service.upkeep.webhooks import check_url
 
 RANDOM_SEED_BOUND = 2**31  # drawn seeds stay easy to read and to type back in
-DEFAULT_JOB_SECONDS = 10.0  # run time assumed for Retry-After before any job has finished
 PENDING = "pending"  # idempotency marker of a job still being created
 
 
@@ -61,19 +60,10 @@ def validation_problem(err: ValidationError) -> ProblemError:
 
 
 def estimate_wait_seconds(redis: Redis, settings: Settings, variant: str) -> int:
-    """Time until a full queue of ``variant`` has room again: the jobs over the limit divided by the rate at
-    which workers took jobs recently; before any measurement, depth x mean job time / live workers."""
-    depth = queue.depth(redis, variant)
-    excess = max(1, depth - settings.max_queue + 1)
-    now = time.time()
-    recent = redis.zrangebyscore(keys.claims(variant), now - settings.drain_window_seconds, "+inf", withscores=True)
-    if len(recent) >= 2:
-        span = max(now - recent[0][1], 1e-3)
-        return max(1, math.ceil(excess * span / len(recent)))
-    mean = redis.hget(keys.JOB_SECONDS, variant)
-    per_job = float(mean) if mean else DEFAULT_JOB_SECONDS
-    serving = sum(1 for info in heartbeats.live_workers(redis) if info["variant"] == variant and info["ready"])
-    return max(1, math.ceil(depth * per_job / max(serving, 1)))
+    """Time until a full queue of ``variant`` has room again: the jobs over the limit times the interval between
+    job starts (capacity.drain), counted as if one worker served the variant when none does now."""
+    excess = max(1, queue.depth(redis, variant) - settings.max_queue + 1)
+    return max(1, math.ceil(excess * capacity.drain(redis, settings, variant).seconds_per_job))
 
 
 NOT_INTO_MP4 = "cannot be copied into an mp4 result; ask for output_format flac, wav or m4a (the audio alone)."

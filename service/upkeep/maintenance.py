@@ -84,6 +84,7 @@ class Maintenance:
                 job_id,
                 attempt + 1,
                 timeout,
+                self.settings.upload_ttl_seconds,
                 pipeline=pipe,
                 at_front=True,
             )

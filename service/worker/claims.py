@@ -2,10 +2,14 @@
 
 A batch is the oldest job the worker may take and the next queued jobs with the same duration (as sized at
 submit) and step count (the pipeline splits it further when a video turns out shorter than asked), as many as
-are queued now, up to a limit; a job longer than `batch_max_duration` (a long video) is a batch of its own.
-One Lua script picks the batch, takes its entries off the list and moves every job to `running` under this
-worker, so two workers never take the same job and a worker that dies right after leaves running jobs, which
-the API's reaper fails or retries.
+are queued now within the claim window, up to a limit; a job longer than `batch_max_duration` (a long video) is
+a batch of its own. One Lua script picks the batch, takes its entries off the list and moves every job to
+`running` under this worker, so two workers never take the same job and a worker that dies right after leaves
+running jobs, which the API's reaper fails or retries.
+
+The scripts look only at the window (`claim_window` entries at the head of the queue), so a claim costs the
+same however long the queue. The stale entries they meet (canceled, expired, re-queued as a later attempt)
+are removed there and then, a window's worth at most per script run; a claim that only cleaned runs again.
 
 While its GPU is busy a worker *reserves* the batch it will take next and decodes its inputs ahead. Reserved
 jobs stay queued (clients see their queue position, a cancel withdraws them); a reservation only steers
@@ -26,19 +30,20 @@ from service.schemas import ModelInfo
 from service.worker.outages import persist
 
 # Lua functions of both scripts.
-#   queued_jobs: the valid entries of the queue in order, each {entry, id, attempt, duration, steps, samples,
-#     holder} with holder 'own', 'other' (reserved by another live worker) or 'free'. An entry is stale when
-#     its job is no longer queued at that attempt (canceled, expired, re-queued as a later attempt); stale
-#     entries are removed with their RQ hash when `drop_stale`.
+#   queued_jobs: the valid entries of the window (the first `window` of the queue) in order, each {entry, id,
+#     attempt, duration, steps, samples, holder} with holder 'own', 'other' (reserved by another live worker)
+#     or 'free'. An entry is stale when its job is no longer queued at that attempt (canceled, expired,
+#     re-queued as a later attempt); stale entries are removed when `drop_stale` and returned (their RQ hashes
+#     are the caller's: see keys.py).
 #   next_batch: the group (duration, steps) of the worker's oldest own reservation, else of the oldest job it
 #     may take; then the oldest jobs of that group it may take, as long as their samples (rows of the pass)
 #     add up to at most `limit` (the first job is taken whatever its size); a first job longer than `alone_above`
 #     seconds (a long video: many windows) is taken alone. Jobs reserved by others are taken only by a worker
 #     without reservations of its own that is allowed to (`takes_reserved`).
 SELECTION_LUA = """
-local function queued_jobs(queue_key, job_prefix, rq_prefix, reserved_prefix, worker_prefix, worker, drop_stale)
-  local found, unreadable = {}, {}
-  for _, entry in ipairs(redis.call('LRANGE', queue_key, 0, -1)) do
+local function queued_jobs(queue_key, window, job_prefix, reserved_prefix, worker_prefix, worker, drop_stale)
+  local found, unreadable, stale = {}, {}, {}
+  for _, entry in ipairs(redis.call('LRANGE', queue_key, 0, window - 1)) do
     local id, attempt = string.match(entry, '^(.+)_(%d+)$')
     local job = id and redis.call('HMGET', job_prefix .. id, 'status', 'attempts', 'params')
     local current = job and job[1] == 'queued' and tonumber(job[2]) == tonumber(attempt) - 1
@@ -59,12 +64,12 @@ local function queued_jobs(queue_key, job_prefix, rq_prefix, reserved_prefix, wo
       found[#found + 1] = {entry = entry, id = id, attempt = tonumber(attempt), duration = params.duration,
                            steps = params.num_steps, samples = params.num_samples or 1, holder = mark}
     elseif drop_stale then
-      redis.call('LREM', queue_key, 1, entry)
-      redis.call('DEL', rq_prefix .. entry)
+      redis.call('LREM', queue_key, 1, entry)  -- met within the window: at most `window` entries scanned
       if id then redis.call('DEL', reserved_prefix .. id) end
+      stale[#stale + 1] = entry
     end
   end
-  return found, unreadable
+  return found, unreadable, stale
 end
 
 local function next_batch(found, limit, takes_reserved, alone_above)
@@ -93,48 +98,50 @@ end
 """
 
 # KEYS: running set, status counts, queue list.
-# ARGV: worker, limit, job key prefix, job channel prefix, RQ job key prefix, reservation key prefix, worker
-#       heartbeat key prefix, longest duration batched with others, then field/value pairs set on every claimed job.
-# Returns the claimed queue entries, oldest first, and the entries of queued jobs whose parameters do not parse,
-# which are taken too (the worker fails them) so that one bad record can never block the queue.
+# ARGV: worker, limit, window, job key prefix, job channel prefix, reservation key prefix, worker heartbeat key
+#       prefix, longest duration batched with others, then field/value pairs set on every claimed job.
+# Returns the claimed queue entries, oldest first; the entries of queued jobs whose parameters do not parse,
+# which are taken too (the worker fails them) so that one bad record can never block the queue; and the stale
+# entries removed.
 CLAIM_SCRIPT = (
     CHANGE_JOB_LUA
     + SELECTION_LUA
     + """
-local found, unreadable = queued_jobs(KEYS[3], ARGV[3], ARGV[5], ARGV[6], ARGV[7], ARGV[1], true)
+local found, unreadable, stale = queued_jobs(KEYS[3], tonumber(ARGV[3]), ARGV[4], ARGV[6], ARGV[7], ARGV[1], true)
 local function take(jobs)
   local entries = {}
   for _, job in ipairs(jobs) do
     redis.call('LREM', KEYS[3], 1, job.entry)
-    redis.call('DEL', ARGV[5] .. job.entry, ARGV[6] .. job.id)
+    redis.call('DEL', ARGV[6] .. job.id)
     local fields = {'attempts', tostring(job.attempt)}
     for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
-    change_job(ARGV[3] .. job.id, KEYS[1], KEYS[2], ARGV[4] .. job.id, job.id, 'queued', '',
+    change_job(ARGV[4] .. job.id, KEYS[1], KEYS[2], ARGV[5] .. job.id, job.id, 'queued', '',
                tostring(job.attempt - 1), 'running', 0, 'running', fields)
     entries[#entries + 1] = job.entry
   end
   return entries
 end
-return {take(next_batch(found, tonumber(ARGV[2]), true, tonumber(ARGV[8]))), take(unreadable)}
+return {take(next_batch(found, tonumber(ARGV[2]), true, tonumber(ARGV[8]))), take(unreadable), stale}
 """
 )
 
 # KEYS: queue list.
-# ARGV: worker, limit, job key prefix, reservation key prefix, worker heartbeat key prefix, reservation TTL (s),
-#       longest duration batched with others.
-# Returns the reserved queue entries, oldest first; the worker's reservations outside them are dropped.
+# ARGV: worker, limit, window, job key prefix, reservation key prefix, worker heartbeat key prefix, reservation
+#       TTL (s), longest duration batched with others.
+# Returns the reserved queue entries, oldest first; the worker's reservations within the window outside them are
+# dropped (one pushed out of it by jobs re-queued at the front expires by itself).
 RESERVE_SCRIPT = (
     SELECTION_LUA
     + """
-local found = queued_jobs(KEYS[1], ARGV[3], '', ARGV[4], ARGV[5], ARGV[1], false)
+local found = queued_jobs(KEYS[1], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], ARGV[1], false)
 local chosen, entries = {}, {}
-for _, job in ipairs(next_batch(found, tonumber(ARGV[2]), false, tonumber(ARGV[7]))) do
-  redis.call('SET', ARGV[4] .. job.id, ARGV[1], 'EX', ARGV[6])
+for _, job in ipairs(next_batch(found, tonumber(ARGV[2]), false, tonumber(ARGV[8]))) do
+  redis.call('SET', ARGV[5] .. job.id, ARGV[1], 'EX', ARGV[7])
   chosen[job.id] = true
   entries[#entries + 1] = job.entry
 end
 for _, job in ipairs(found) do
-  if job.holder == 'own' and not chosen[job.id] then redis.call('DEL', ARGV[4] .. job.id) end
+  if job.holder == 'own' and not chosen[job.id] then redis.call('DEL', ARGV[5] .. job.id) end
 end
 return entries
 """
@@ -160,6 +167,7 @@ class QueueClaims:
         self.claims_key = keys.claims(variant)
         self.worker_name = worker_name
         self.queue_key = queue.list_key(variant)
+        self.window = jobs.settings.claim_window
         self.reservation_seconds = max(1, math.ceil(reservation_seconds))  # renewed at every reserve
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._reserve = redis.register_script(RESERVE_SCRIPT)
@@ -167,23 +175,29 @@ class QueueClaims:
     def claim(self, limit: int, model: ModelInfo) -> list[JobRecord]:
         """Take the next batch (at most ``limit`` samples): each job becomes ``running`` under this worker, its
         attempt counted, its start time and the loaded ``model`` recorded. Taken jobs whose record does not
-        parse are failed here, so that one bad record fails alone instead of stopping every worker."""
+        parse are failed here, so that one bad record fails alone instead of stopping every worker. A window
+        holding only stale entries is cleaned and the next one looked at, so an empty answer means an empty
+        queue (or one whose head moved meanwhile)."""
         fields = running_fields(self.worker_name, model)
         pairs = [item for pair in encode_fields(fields).items() for item in pair]
-        batch, unreadable = self._claim(
-            keys=[keys.RUNNING_JOBS, keys.STATUS_COUNTS, self.queue_key],
-            args=[
-                self.worker_name,
-                limit,
-                keys.job(""),
-                keys.job_events(""),
-                queue.RQ_JOB_PREFIX,
-                queue.RESERVATION_PREFIX,
-                keys.worker(""),
-                self.jobs.settings.batch_max_duration,
-                *pairs,
-            ],
-        )
+        args = [
+            self.worker_name,
+            limit,
+            self.window,
+            keys.job(""),
+            keys.job_events(""),
+            queue.RESERVATION_PREFIX,
+            keys.worker(""),
+            self.jobs.settings.batch_max_duration,
+            *pairs,
+        ]
+        while True:
+            claim_keys = [keys.RUNNING_JOBS, keys.STATUS_COUNTS, self.queue_key]
+            batch, unreadable, stale = self._claim(keys=claim_keys, args=args)
+            if batch or unreadable or len(stale) < self.window:
+                break
+            queue.forget_entries(self.redis, [entry.decode() for entry in stale])
+        taken = [entry.decode() for entry in (*batch, *unreadable, *stale)]
         owned = [queue.parse_rq_job_id(entry.decode()) for entry in batch]
         now = time.time()
 
@@ -198,6 +212,7 @@ class QueueClaims:
 
         # the jobs are ours now: an outage must not lose them between the claim and this read
         raws = persist(read_claimed, "reading claimed jobs", self.jobs.settings.redis_reconnect_max_seconds)
+        queue.forget_entries(self.redis, taken)
         records: list[JobRecord] = []
         broken = [queue.parse_rq_job_id(entry.decode()) for entry in unreadable]
         for (job_id, attempt), raw in zip(owned, raws, strict=True):
@@ -217,6 +232,7 @@ class QueueClaims:
             args=[
                 self.worker_name,
                 limit,
+                self.window,
                 keys.job(""),
                 queue.RESERVATION_PREFIX,
                 keys.worker(""),

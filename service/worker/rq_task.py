@@ -26,11 +26,11 @@ import socket
 import uuid
 from dataclasses import dataclass
 
-from redis import Redis
 from rq import Queue, get_current_job
 from rq.job import Job
 
 from service import keys
+from service.connection import connect
 from service.jobs import JobStore
 from service.schemas import JobStatus
 from service.settings import get_settings
@@ -59,7 +59,7 @@ class Resident:
 def resident() -> Resident:
     """Load the pipeline of the configured variant, once per process (on its first job), and start beating."""
     settings = get_settings()
-    redis = Redis.from_url(settings.redis_address)
+    redis = connect(settings)
     name = f"{socket.gethostname()}-{os.getpid()}-rq{uuid.uuid4().hex[:6]}"
     # No warm-up run: the job that triggered the load is waiting, and it warms the pipeline as well.
     pipeline = load_pipeline(settings)

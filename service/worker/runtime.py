@@ -30,6 +30,7 @@ from model import build
 from model.pipeline import Pipeline
 from model.request import GenerationRequest
 from service import heartbeats, keys
+from service.connection import connect
 from service.jobs import JobRecord, JobStore
 from service.schemas import JobStatus
 from service.settings import Settings, get_settings
@@ -197,7 +198,7 @@ class WorkerLoop:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
-    redis = Redis.from_url(settings.redis_address, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS)
+    redis = connect(settings, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS)
     name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     heartbeat = Heartbeat(redis, name, settings)
     RedisOutage(settings.redis_reconnect_max_seconds).wait_until_reachable(redis)

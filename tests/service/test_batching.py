@@ -117,7 +117,7 @@ def test_a_claim_takes_the_oldest_job_and_the_next_ones_of_its_group(job_store: 
     assert [r.status for r in records] == [JobStatus.running, JobStatus.queued, JobStatus.running, JobStatus.running]
     assert {(r.worker, r.attempts) for r in records if r.status is JobStatus.running} == {("w1", 1)}
     assert sorted(job_store.running_ids()) == sorted([ids[0], ids[2], ids[3]])
-    assert queue.position(job_store.redis, VARIANT, ids[1], 1) == 1
+    assert queue.position(job_store.redis, VARIANT, ids[1], 1, scan=10) == 1
     assert not job_store.redis.exists(queue.RQ_JOB_PREFIX + queue.rq_job_id(ids[0], 1))
 
     # a canceled job's entry is stale: dropped, never claimed
@@ -171,6 +171,56 @@ def test_reservations_steer_busy_workers_and_never_hold_back_an_idle_one(job_sto
     assert second.reserve(8) == [entry[ids[3]]]
     second.release()
     assert not job_store.redis.exists(queue.RESERVATION_PREFIX + ids[3])
+
+
+def with_settings(jobs: JobStore, **settings: object) -> JobStore:
+    return JobStore(jobs.redis, Settings(_env_file=None, variant=VARIANT, **settings), jobs.store)
+
+
+def test_a_claim_looks_only_at_the_window_at_the_head(job_store: JobStore) -> None:
+    ids = [queue_job(job_store, duration) for duration in (1.0, 2.0, 2.0, 1.0, 1.0)]
+    claims = worker_claims(with_settings(job_store, claim_window=3), "w1")
+    assert claimed_ids(claims) == [ids[0]]  # the other 1.0 s jobs lie beyond the window
+    assert claimed_ids(claims) == [ids[1], ids[2]]
+    assert claimed_ids(claims) == [ids[3], ids[4]]
+
+
+def test_stale_entries_are_cleaned_a_window_at_a_time_until_a_job_is_found(job_store: JobStore) -> None:
+    ids = [queue_job(job_store, 1.0) for _ in range(12)]
+    for job_id in ids[:10]:  # canceled without withdrawing their entries: ten stale entries at the head
+        job_store.finish(job_store.get(job_id), (JobStatus.queued,), JobStatus.canceled)
+    redis = job_store.redis
+    claims = worker_claims(with_settings(job_store, claim_window=4), "w1")
+    assert claimed_ids(claims, limit=1) == [ids[10]]
+    assert queue.depth(redis, VARIANT) == 1
+    assert not any(redis.exists(queue.RQ_JOB_PREFIX + queue.rq_job_id(job_id, 1)) for job_id in ids[:11])
+    assert redis.ttl(queue.RQ_JOB_PREFIX + queue.rq_job_id(ids[11], 1)) > 0  # expires with its job
+
+
+def test_queue_position_is_exact_near_the_head_and_estimated_from_arrival_order_behind(job_store: JobStore) -> None:
+    jobs = with_settings(job_store, queue_position_scan=2)
+    ids = [queue_job(jobs, 1.0) for _ in range(6)]
+    assert [jobs.queue_place(jobs.get(job_id)).position for job_id in ids] == [1, 2, 3, 4, 5, 6]
+    jobs.cancel(jobs.get(ids[1]))  # ahead of the later jobs: they all move up
+    assert [jobs.queue_place(jobs.get(job_id)).position for job_id in ids[2:]] == [2, 3, 4, 5]
+    jobs.cancel(jobs.get(ids[4]))  # behind ids[3]: its estimate (2 jobs arrived after it) errs low by one
+    assert [jobs.queue_place(jobs.get(job_id)).position for job_id in (ids[3], ids[5])] == [3, 4]
+    assert jobs.queue_place(jobs.get(ids[1])) is None
+
+
+def test_estimated_start_follows_position_per_job_time_and_live_workers(job_store: JobStore) -> None:
+    ids = [queue_job(job_store, 1.0) for _ in range(3)]
+    redis = job_store.redis
+    assert job_store.queue_place(job_store.get(ids[2])).estimated_start_at is None  # no worker serves the variant
+    for name in ("w1", "w2"):
+        heartbeats.beat(redis, name, {"name": name, "variant": VARIANT, "ready": True}, ttl_seconds=60)
+    redis.hset(keys.JOB_SECONDS, VARIANT, 8.0)  # no claims measured yet: 8 s a job over 2 workers
+    before = time.time()
+    place = job_store.queue_place(job_store.get(ids[2]))
+    assert place.position == 3 and before + 12 <= place.estimated_start_at <= time.time() + 12
+    now = time.time()  # measured: 10 claims over the last 20 s, one job start every 2 s
+    redis.zadd(keys.claims(VARIANT), {f"done{i}": now - 20 + 2 * i for i in range(10)})
+    assert job_store.queue_place(job_store.get(ids[0])).estimated_start_at == pytest.approx(time.time() + 2, abs=0.5)
 
 
 def test_a_failed_shared_pass_runs_each_job_alone(job_store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,8 +341,10 @@ def test_queued_jobs_run_as_one_batch_and_each_matches_its_solo_run(
     ]
     blocker = occupy(client)
     jobs = [submit(client, params, video) for params, video in requests]
-    for job in jobs:
-        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+    for position, job in enumerate(jobs, 1):
+        queued = client.get(f"/v1/jobs/{job['id']}").json()
+        assert queued["status"] == "queued" and queued["queue_position"] == position
+        assert unix_time(queued["estimated_start_at"]) > time.time()  # a live worker serves the variant
     wait_until_prepared_ahead(batch_stack, jobs)
     release(client, blocker)
 

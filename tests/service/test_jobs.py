@@ -135,8 +135,8 @@ def test_video_job_end_to_end(stack: Stack, alice: httpx.Client, media: Media) -
 
     # the upload is gone once the job has ended; the results stay
     redis = Redis.from_url(stack.env["MMAUDIO_REDIS_URL"])
-    assert not redis.exists(f"mmaudio:blob:uploads/{job['id']}")
-    assert redis.ttl(f"mmaudio:blob:results/{job['id']}/0.mp4") > 3000
+    assert not redis.exists(keys.blob(f"uploads/{job['id']}"))
+    assert redis.ttl(keys.blob(f"results/{job['id']}/0.mp4")) > 3000
 
     model_seconds = done["timings"]["model"]["total"]
     print(

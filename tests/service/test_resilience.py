@@ -150,7 +150,7 @@ def test_retry_after_follows_the_measured_drain_rate(redis_server: str) -> None:
     settings = Settings(_env_file=None, max_queue=4, drain_window_seconds=60)
     variant = "small_16k"
     for index in range(6):  # two over the limit
-        queue.enqueue(redis, variant, f"job{index}", 1, 60)
+        queue.enqueue(redis, variant, f"job{index}", 1, 60, 3600)
     fallback = estimate_wait_seconds(redis, settings, variant)  # nothing measured: depth x assumed job time
     now = time.time()
     # 20 claims over the last 10 s: 2 jobs/s; 3 jobs must leave before there is room -> 1.5 s -> 2

@@ -151,7 +151,7 @@ def test_rq_task_leaves_alone_entries_not_its_to_run(rq_stack: Stack, client: ht
         # Entries an RQ worker may hold when it runs them: taken off the queue before the cancel or the
         # batching worker's claim, and the first attempt of the job queued again.
         for job_id in (canceled["id"], claimed["id"], retried["id"]):
-            queue.enqueue(redis, VARIANT, job_id, 1, 60)
+            queue.enqueue(redis, VARIANT, job_id, 1, 60, 3600)
         before = {job_id: revision(redis, job_id) for job_id in (canceled["id"], claimed["id"])}
 
         log = run_rq_worker(rq_stack)

@@ -50,6 +50,8 @@ def test_health_readiness_and_metrics(stack: Stack, alice: httpx.Client) -> None
     assert re.search(r'^mmaudio_jobs_total\{status="succeeded"\} [1-9]', text, re.M)
     assert re.search(r'^mmaudio_queue_depth\{variant="large_44k_v2"\} \d', text, re.M)
     assert re.search(r'^mmaudio_workers\{variant="large_44k_v2"\} [1-9]', text, re.M)
+    assert re.search(r'^mmaudio_queue_wait_seconds\{variant="large_44k_v2"\} [0-9.e+-]+$', text, re.M)
+    assert 'mmaudio_queue_wait_seconds{variant="small_16k"}' not in text  # no worker serves it: no estimate
     assert re.search(r'^mmaudio_jobs_current\{status="running"\} \d', text, re.M)
     for stage in ("queue", "sampling", "encode", "total"):
         assert re.search(rf'^mmaudio_stage_duration_seconds_count\{{stage="{stage}"\}} [1-9]', text, re.M), stage

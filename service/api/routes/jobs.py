@@ -126,8 +126,8 @@ async def submit_job(
         headers["Preference-Applied"] = f"wait={wait:g}"
         if not record.status.terminal:
             record = await wait_until_finished(state, record.id, wait) or record
-    position = await run_in_threadpool(state.jobs.queue_position, record)
-    view = job_view(record, base_url(request), position)
+    place = await run_in_threadpool(state.jobs.queue_place, record)
+    view = job_view(record, base_url(request), place)
     return JSONResponse(view, 200 if record.status.terminal else 202, headers)
 
 
@@ -161,7 +161,7 @@ def list_jobs(
     limit = min(limit, state.settings.max_page_size)
     records, cursor = state.jobs.owned(owner, limit, before, set(status) if status else None)
     url = base_url(request)
-    page = {"jobs": [job_view(record, url, state.jobs.queue_position(record)) for record in records], "next": None}
+    page = {"jobs": [job_view(record, url, state.jobs.queue_place(record)) for record in records], "next": None}
     if cursor is not None:
         query = [("limit", limit), ("before", repr(cursor)), *(("status", s.value) for s in status or ())]
         page["next"] = f"{url.rstrip('/')}/v1/jobs?{urlencode(query)}"
@@ -174,7 +174,7 @@ def list_jobs(
 def get_job(request: Request, job_id: JobId, owner: Owner) -> Response:
     state = app_state(request)
     record = owned_job(state, job_id, owner)
-    view = job_view(record, base_url(request), state.jobs.queue_position(record))
+    view = job_view(record, base_url(request), state.jobs.queue_place(record))
     return JSONResponse(view)
 
 
@@ -230,7 +230,7 @@ def cancel_job(request: Request, job_id: JobId, owner: Owner) -> Response:
     if record.status.terminal and record.status is not JobStatus.canceled:
         raise ProblemError("job-not-cancelable", f"The job has {record.status.value}.")
     record = state.jobs.cancel(record) or record
-    view = job_view(record, base_url(request), state.jobs.queue_position(record))
+    view = job_view(record, base_url(request), state.jobs.queue_place(record))
     return JSONResponse(view, 200 if record.status.terminal else 202)
 
 
