@@ -8,6 +8,8 @@ WEBHOOKS_DUE = PREFIX + "webhooks"  # sorted set: job id -> unix time the next d
 FILE_EXPIRY = PREFIX + "files"  # sorted set: filesystem-store blob name -> unix time it expires
 STATUS_COUNTS = PREFIX + "stats:status"  # hash: status -> jobs that ever entered it
 JOB_SECONDS = PREFIX + "stats:job_seconds"  # hash: variant -> moving average of a job's run time
+DEADLINES = PREFIX + "deadlines"  # sorted set: job id -> its Cancel-After deadline (unix time)
+WEBHOOK_EVENT_PREFIX = "evt_"  # webhook message ids of started/progress events: evt_<job id>_<nonce>
 
 
 def job(job_id: str) -> str:
@@ -26,6 +28,11 @@ def owner_jobs(owner: str) -> str:
 
 def idempotency(owner: str, key_digest: str) -> str:
     return f"{PREFIX}idem:{owner}:{key_digest}"
+
+
+def webhook_event(message_id: str) -> str:
+    """Hash of one pending started/progress webhook message: its URL, body (a snapshot) and attempts."""
+    return f"{PREFIX}webhook:{message_id}"
 
 
 def worker(name: str) -> str:

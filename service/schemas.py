@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from model.request import REQUEST_PARAMETERS
-from model.sequence import MIN_DURATION  # the shortest clip the model can condition on
+from model.sequence import AUDIO_16K, AUDIO_44K, MIN_DURATION  # the shortest clip the model can condition on
 from service.settings import Settings, Variant
 
 MAX_SEED = 2**63 - 1
@@ -29,6 +29,13 @@ class JobStatus(StrEnum):
 
 InputKind = Literal["video", "image", "text"]
 ResultFormat = Literal["mp4", "flac", "wav", "m4a"]
+WebhookEvent = Literal["started", "progress", "completed"]
+
+OUTPUT_SAMPLE_RATE = 48000  # the rate a job may ask for besides its variant's own (video editors, containers)
+NATIVE_SAMPLE_RATES = {
+    variant: AUDIO_16K.sampling_rate if variant == "small_16k" else AUDIO_44K.sampling_rate
+    for variant in get_args(Variant)
+}
 
 
 # parameter -> the setting that bounds it
@@ -68,6 +75,31 @@ class JobParams(BaseModel):
         None, description="Default format of /result: mp4 for video jobs, flac otherwise."
     )
     webhook_url: str | None = Field(None, max_length=2048, description="Receives a signed POST of the finished job.")
+    webhook_events: list[WebhookEvent] | None = Field(
+        None,
+        min_length=1,
+        description="Which webhooks to send: `started` (a worker took the job), `progress` (throttled by the "
+        "deployment) and `completed` (the job ended). Default: completed only. In a form: comma-separated.",
+        examples=[["started", "progress", "completed"]],
+    )
+    video_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="A video to fetch (JSON submits): a public http(s) URL, instead of uploading the file.",
+        examples=["https://example.com/clip.mp4"],
+    )
+    image_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="A still image to fetch (JSON submits): a public http(s) URL, instead of uploading the file.",
+        examples=["https://example.com/photo.jpg"],
+    )
+    sample_rate: int | None = Field(
+        None,
+        description=f"Sample rate of the results: the variant's own (16000 for small_16k, 44100 otherwise; "
+        f"the default) or {OUTPUT_SAMPLE_RATE} (resampled).",
+        examples=[OUTPUT_SAMPLE_RATE],
+    )
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -85,18 +117,34 @@ class JobParams(BaseModel):
             raise ValueError(f"at most {limit}")
         return value
 
-    @field_validator("webhook_url")
+    @field_validator("webhook_url", "video_url", "image_url")
     @classmethod
-    def _webhook_scheme(cls, value: str | None) -> str | None:
+    def _http_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.lower().startswith(("http://", "https://")):
             raise ValueError("must be an http or https URL")
         return value
+
+    @field_validator("webhook_events", mode="before")
+    @classmethod
+    def _comma_separated_events(cls, value: object) -> object:
+        if isinstance(value, str):  # a form field
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _distinct_events(cls, value: list[WebhookEvent] | None) -> list[WebhookEvent] | None:
+        return None if value is None else list(dict.fromkeys(value))
 
     @model_validator(mode="after")
     def _format_fits_input(self, info: ValidationInfo) -> JobParams:
         context = info.context or {}
         if self.output_format == "mp4" and context.get("input_kind") != "video":
             raise ValueError("output_format mp4 needs a video upload")
+        if self.webhook_events is not None and self.webhook_url is None:
+            raise ValueError("webhook_events needs a webhook_url")
+        if self.video_url is not None and self.image_url is not None:
+            raise ValueError("send one of video_url and image_url")
         return self
 
 
@@ -121,6 +169,11 @@ class EffectiveParams(BaseModel):
     num_samples: int
     variant: str
     output_format: ResultFormat
+    sample_rate: int | None = Field(
+        None,
+        description="Sample rate of the results (null in jobs made before it could be chosen: the variant's).",
+        examples=[48000],
+    )
 
 
 class Progress(BaseModel):
@@ -144,6 +197,11 @@ class MediaSummary(BaseModel):
 
 class InputInfo(BaseModel):
     kind: InputKind
+    url: str | None = Field(
+        None,
+        description="The video_url or image_url the input was fetched from.",
+        examples=["https://example.com/clip.mp4"],
+    )
     filename: str | None = None
     size: int | None = None
     sha256: str | None = None
@@ -187,7 +245,13 @@ class ResultInfo(BaseModel):
 
 class WebhookInfo(BaseModel):
     url: str
-    status: Literal["pending", "delivered", "failed"]
+    events: list[WebhookEvent] = Field(
+        ["completed"], description="The events this job sends webhooks for.", examples=[["started", "completed"]]
+    )
+    status: Literal["pending", "delivered", "failed"] | None = Field(
+        description="The `completed` delivery's state (status, attempts, last_error); null when it is not one "
+        "of the events."
+    )
     attempts: int = 0
     last_error: str | None = None
 
@@ -225,6 +289,12 @@ class Job(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    deadline: datetime | None = Field(
+        None,
+        description="From the submit's `Cancel-After`: the job is canceled (error `deadline-exceeded`) if it has "
+        "not finished by then.",
+        examples=["2026-01-01T12:01:30Z"],
+    )
     timings: dict[str, Any] = Field(
         default_factory=dict,
         description="Seconds per stage: queue, input, model (the pipeline's own stages), encode, total; "

@@ -27,23 +27,28 @@ from service.schemas import ModelInfo
 #   queued_jobs: the valid entries of the queue in order, each {entry, id, attempt, duration, steps, samples,
 #     holder} with holder 'own', 'other' (reserved by another live worker) or 'free'. An entry is stale when
 #     its job is no longer queued at that attempt (canceled, expired, re-queued as a later attempt); stale
-#     entries are removed with their RQ hash when `drop_stale`.
+#     entries are removed with their RQ hash when `drop_stale`. Also returned: the queued jobs whose record does
+#     not parse, and those whose Cancel-After deadline is at or before `now` (never started: canceled instead).
 #   next_batch: the group (duration, steps) of the worker's oldest own reservation, else of the oldest job it
 #     may take; then the oldest jobs of that group it may take, as long as their samples (rows of the pass)
 #     add up to at most `limit` (the first job is taken whatever its size). Jobs reserved by others are taken
 #     only by a worker without reservations of its own that is allowed to (`takes_reserved`).
 SELECTION_LUA = """
-local function queued_jobs(queue_key, job_prefix, rq_prefix, reserved_prefix, worker_prefix, worker, drop_stale)
-  local found, unreadable = {}, {}
+local function queued_jobs(queue_key, job_prefix, rq_prefix, reserved_prefix, worker_prefix, worker, drop_stale,
+                           now)
+  local found, unreadable, expired = {}, {}, {}
   for _, entry in ipairs(redis.call('LRANGE', queue_key, 0, -1)) do
     local id, attempt = string.match(entry, '^(.+)_(%d+)$')
-    local job = id and redis.call('HMGET', job_prefix .. id, 'status', 'attempts', 'params')
+    local job = id and redis.call('HMGET', job_prefix .. id, 'status', 'attempts', 'params', 'deadline')
     local current = job and job[1] == 'queued' and tonumber(job[2]) == tonumber(attempt) - 1
     local readable, params = false, nil
     if current then readable, params = pcall(cjson.decode, job[3]) end
     readable = readable and type(params) == 'table' and type(params.duration) == 'number'
                and type(params.num_steps) == 'number' and type(params.num_samples or 1) == 'number'
-    if current and not readable then
+    local deadline = current and tonumber(job[4] or '')
+    if readable and deadline and deadline <= now then
+      expired[#expired + 1] = {entry = entry, id = id, attempt = tonumber(attempt)}
+    elseif current and not readable then
       unreadable[#unreadable + 1] = {entry = entry, id = id, attempt = tonumber(attempt)}
     elseif readable then
       local holder = redis.call('GET', reserved_prefix .. id)
@@ -61,7 +66,7 @@ local function queued_jobs(queue_key, job_prefix, rq_prefix, reserved_prefix, wo
       if id then redis.call('DEL', reserved_prefix .. id) end
     end
   end
-  return found, unreadable
+  return found, unreadable, expired
 end
 
 local function next_batch(found, limit, takes_reserved)
@@ -90,38 +95,43 @@ end
 
 # KEYS: running set, status counts, queue list.
 # ARGV: worker, limit, job key prefix, job channel prefix, RQ job key prefix, reservation key prefix, worker
-#       heartbeat key prefix, then field/value pairs set on every claimed job.
-# Returns the claimed queue entries, oldest first, and the entries of queued jobs whose parameters do not parse,
-# which are taken too (the worker fails them) so that one bad record can never block the queue.
+#       heartbeat key prefix, now (unix time), then field/value pairs set on every claimed job.
+# Returns the claimed queue entries, oldest first; the entries of queued jobs whose parameters do not parse,
+# which are taken too (the worker fails them) so that one bad record can never block the queue; and the entries
+# of queued jobs past their deadline, taken off the queue but left queued (the worker cancels them).
 CLAIM_SCRIPT = (
     CHANGE_JOB_LUA
     + SELECTION_LUA
     + """
-local found, unreadable = queued_jobs(KEYS[3], ARGV[3], ARGV[5], ARGV[6], ARGV[7], ARGV[1], true)
-local function take(jobs)
+local found, unreadable, expired = queued_jobs(KEYS[3], ARGV[3], ARGV[5], ARGV[6], ARGV[7], ARGV[1], true,
+                                              tonumber(ARGV[8]))
+local function take(jobs, start)
   local entries = {}
   for _, job in ipairs(jobs) do
     redis.call('LREM', KEYS[3], 1, job.entry)
     redis.call('DEL', ARGV[5] .. job.entry, ARGV[6] .. job.id)
-    local fields = {'attempts', tostring(job.attempt)}
-    for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
-    change_job(ARGV[3] .. job.id, KEYS[1], KEYS[2], ARGV[4] .. job.id, job.id, 'queued', '',
-               tostring(job.attempt - 1), 'running', 0, 'running', fields)
+    if start then
+      local fields = {'attempts', tostring(job.attempt)}
+      for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+      change_job(ARGV[3] .. job.id, KEYS[1], KEYS[2], ARGV[4] .. job.id, job.id, 'queued', '',
+                 tostring(job.attempt - 1), 'running', 0, 'running', fields)
+    end
     entries[#entries + 1] = job.entry
   end
   return entries
 end
-return {take(next_batch(found, tonumber(ARGV[2]), true)), take(unreadable)}
+return {take(next_batch(found, tonumber(ARGV[2]), true), true), take(unreadable, true), take(expired, false)}
 """
 )
 
 # KEYS: queue list.
-# ARGV: worker, limit, job key prefix, reservation key prefix, worker heartbeat key prefix, reservation TTL (s).
+# ARGV: worker, limit, job key prefix, reservation key prefix, worker heartbeat key prefix, reservation TTL (s),
+#       now (unix time).
 # Returns the reserved queue entries, oldest first; the worker's reservations outside them are dropped.
 RESERVE_SCRIPT = (
     SELECTION_LUA
     + """
-local found = queued_jobs(KEYS[1], ARGV[3], '', ARGV[4], ARGV[5], ARGV[1], false)
+local found = queued_jobs(KEYS[1], ARGV[3], '', ARGV[4], ARGV[5], ARGV[1], false, tonumber(ARGV[7]))
 local chosen, entries = {}, {}
 for _, job in ipairs(next_batch(found, tonumber(ARGV[2]), false)) do
   redis.call('SET', ARGV[4] .. job.id, ARGV[1], 'EX', ARGV[6])
@@ -165,7 +175,7 @@ class QueueClaims:
         parse are failed here, so that one bad record fails alone instead of stopping every worker."""
         fields = running_fields(self.worker_name, model)
         pairs = [item for pair in encode_fields(fields).items() for item in pair]
-        batch, unreadable = self._claim(
+        batch, unreadable, expired = self._claim(
             keys=[keys.RUNNING_JOBS, keys.STATUS_COUNTS, self.queue_key],
             args=[
                 self.worker_name,
@@ -175,6 +185,7 @@ class QueueClaims:
                 queue.RQ_JOB_PREFIX,
                 queue.RESERVATION_PREFIX,
                 keys.worker(""),
+                time.time(),
                 *pairs,
             ],
         )
@@ -197,6 +208,10 @@ class QueueClaims:
                 records.append(record)
         for job_id, attempt in broken:
             self.jobs.fail_unreadable(job_id, attempt, self.worker_name)
+        for job_id, _ in (queue.parse_rq_job_id(entry.decode()) for entry in expired):
+            overdue = self.jobs.get(job_id)
+            if overdue is not None:
+                self.jobs.cancel_overdue(overdue)
         return records
 
     def reserve(self, limit: int) -> list[str]:
@@ -210,6 +225,7 @@ class QueueClaims:
                 queue.RESERVATION_PREFIX,
                 keys.worker(""),
                 self.reservation_seconds,
+                time.time(),
             ],
         )
         return [entry.decode() for entry in entries]

@@ -11,9 +11,10 @@ from service_harness import REPO
 from service.api.auth import ANONYMOUS, KeyRing
 from service.api.ranges import byte_range, content_disposition
 from service.api.uploads import safe_filename
+from service.outbound import checked_address, pinned_request
 from service.problems import ProblemError
 from service.settings import Settings, settings_table
-from service.upkeep.webhooks import check_url, pinned_request, signature
+from service.upkeep.webhooks import signature
 
 
 def test_every_setting_is_documented() -> None:
@@ -76,12 +77,12 @@ def test_download_names_are_harmless() -> None:
 )
 def test_webhooks_to_internal_addresses_are_refused(url: str) -> None:
     with pytest.raises(ValueError):
-        check_url(url, allow_private=False)
-    check_url(url, allow_private=True)
+        checked_address(url, allow_private=False)
+    checked_address(url, allow_private=True)
 
 
 def test_webhook_deliveries_connect_to_the_checked_address() -> None:
-    assert check_url("http://127.0.0.1:9/hook", allow_private=True) == "127.0.0.1"
+    assert checked_address("http://127.0.0.1:9/hook", allow_private=True) == "127.0.0.1"
     target, host, extensions = pinned_request("https://user:pw@hooks.example.com:8443/in?x=1", "93.184.216.34")
     assert target == "https://user:pw@93.184.216.34:8443/in?x=1"
     assert host == "hooks.example.com:8443" and extensions == {"sni_hostname": "hooks.example.com"}
@@ -92,7 +93,7 @@ def test_webhook_deliveries_connect_to_the_checked_address() -> None:
 def test_webhook_urls_need_http() -> None:
     for url in ("ftp://example.com/x", "file:///etc/passwd", "http:///nohost"):
         with pytest.raises(ValueError):
-            check_url(url, allow_private=True)
+            checked_address(url, allow_private=True)
 
 
 def test_webhook_signature_matches_the_standard_webhooks_example() -> None:
