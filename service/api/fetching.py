@@ -45,13 +45,15 @@ def fetch_input(url: str, kind: str, folder: Path, settings: Settings) -> Upload
                 raise _timeout(settings) from err
             except (httpx.HTTPError, httpx.InvalidURL) as err:
                 raise ProblemError("url-unreachable", f"{where}: {type(err).__name__}: {err}") from err
-            with response:
+            try:
                 if response.is_redirect:
                     current = urljoin(current, response.headers["location"])
                     continue
                 if not response.is_success:
                     raise ProblemError("url-unreachable", f"{where} answered HTTP {response.status_code}.")
                 return _download(response, kind, folder / "fetched", current, deadline, settings)
+            finally:
+                response.close()
     raise ProblemError("url-redirects", f"{field} redirects more than {settings.fetch_max_redirects} times.")
 
 

@@ -154,8 +154,8 @@ class WebhookSender:
             "webhook-signature": signature(self.settings.webhook_secret or "", message_id, timestamp, body),
         }
         try:
-            with send_pinned(self.client, "POST", url, self.settings.webhook_allow_private, headers, body) as response:
-                pass  # only the status matters
+            response = send_pinned(self.client, "POST", url, self.settings.webhook_allow_private, headers, body)
+            response.close()  # only the status matters
         except (ForbiddenURL, UnresolvableURL) as err:
             return f"webhook_url: {err}"
         except httpx.HTTPError as err:
