@@ -10,8 +10,9 @@ from service_harness import REPO
 
 from service.api.auth import ANONYMOUS, KeyRing
 from service.api.ranges import byte_range, content_disposition
+from service.api.submission import cancel_after_seconds
 from service.api.uploads import safe_filename
-from service.outbound import checked_address, pinned_request
+from service.outbound import ForbiddenURL, UnresolvableURL, checked_address, pinned_request
 from service.problems import ProblemError
 from service.settings import Settings, settings_table
 from service.upkeep.webhooks import signature
@@ -102,3 +103,27 @@ def test_webhook_signature_matches_the_standard_webhooks_example() -> None:
     body = b'{"test": 2432232314}'
     expected = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
     assert signature(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body) == expected
+
+
+def test_outbound_checks_resolve_names_and_ports() -> None:
+    with pytest.raises(ForbiddenURL):
+        checked_address("http://localhost/x", allow_private=False)  # a name: its addresses are checked
+    with pytest.raises(ForbiddenURL):
+        checked_address("http://example.com:99999/x", allow_private=True)
+    with pytest.raises(UnresolvableURL):
+        checked_address("http://no-such-host.invalid/x", allow_private=True)
+
+
+def test_cancel_after_values() -> None:
+    assert [cancel_after_seconds(value, 7200) for value in ("90", "90s", "1.5m", "2m", "1h", " 45 ")] == [
+        90,
+        90,
+        90,
+        120,
+        3600,
+        45,
+    ]
+    assert cancel_after_seconds(None, 10) is None
+    for garbage in ("", "0", "-1", "1e3", "3h", "1h30m", "nan", "inf", "9" * 400, "90 minutes"):
+        with pytest.raises(ProblemError):
+            cancel_after_seconds(garbage, 7200)
