@@ -28,13 +28,13 @@ def checked_address(url: str, allow_private: bool) -> str:
     """The address a request to ``url`` connects to, once checked: raises ForbiddenURL for other schemes and,
     unless ``allow_private``, for hosts that resolve to any non-public address; UnresolvableURL when the host
     does not resolve."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as err:  # a malformed IPv6 host, a port that is no number or out of range
+        raise ForbiddenURL(str(err)) from err
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ForbiddenURL("must be an absolute http or https URL")
-    try:
-        port = parts.port
-    except ValueError as err:  # not a number, or out of range
-        raise ForbiddenURL(str(err)) from err
     try:
         infos = socket.getaddrinfo(parts.hostname, port or 443, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as err:

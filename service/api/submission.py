@@ -11,6 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from pydantic import ValidationError
 from redis import Redis
@@ -105,8 +106,8 @@ def input_kind(body: SubmitBody) -> InputKind:
     if body.file is not None and named:
         raise ProblemError("validation-error", f"Send the {body.file.field} either as a file or as {named[0]}.")
     if body.file is not None:
-        return body.file.field  # type: ignore[return-value]  # FILE_FIELDS are input kinds
-    return URL_FIELDS[named[0]] if named else "text"  # type: ignore[return-value]
+        return cast(InputKind, body.file.field)  # the file fields are named after the input kinds
+    return cast(InputKind, URL_FIELDS[named[0]]) if named else "text"
 
 
 def output_format(params: JobParams, kind: InputKind) -> ResultFormat:

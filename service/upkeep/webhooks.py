@@ -158,7 +158,7 @@ class WebhookSender:
             response.close()  # only the status matters
         except (ForbiddenURL, UnresolvableURL) as err:
             return f"webhook_url: {err}"
-        except httpx.HTTPError as err:
+        except (httpx.HTTPError, httpx.InvalidURL) as err:
             return f"{type(err).__name__}: {err}"
         if response.is_success:
             return None

@@ -63,6 +63,8 @@ class FileServer:
                     self._answer(302, b"", {"Location": "/clip.mp4"})
                 elif route == "/loop":
                     self._answer(302, b"", {"Location": "/loop"})
+                elif route == "/bad-redirect":
+                    self._answer(302, b"", {"Location": "http://[::1"})
                 elif route == "/to-file":
                     self._answer(302, b"", {"Location": "file:///etc/passwd"})
                 elif route == "/declared-huge":
@@ -157,6 +159,7 @@ def test_a_video_url_is_fetched_probed_and_generated_for(fetching: httpx.Client,
     [
         ("/loop", "url-redirects", 422),
         ("/to-file", "url-forbidden", 422),  # every hop is checked again: a redirect to file:// is refused
+        ("/bad-redirect", "url-forbidden", 422),
         ("/declared-huge", "url-too-large", 413),
         ("/undeclared-huge", "url-too-large", 413),  # counted while streaming
         ("/slow", "url-timeout", 422),

@@ -127,3 +127,9 @@ def test_cancel_after_values() -> None:
     for garbage in ("", "0", "-1", "1e3", "3h", "1h30m", "nan", "inf", "9" * 400, "90 minutes"):
         with pytest.raises(ProblemError):
             cancel_after_seconds(garbage, 7200)
+
+
+def test_malformed_urls_are_forbidden() -> None:
+    for url in ("http://[::1", "http://[not-an-ip]/x", "http://example.com:port/x"):
+        with pytest.raises(ForbiddenURL):
+            checked_address(url, allow_private=True)
