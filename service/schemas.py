@@ -250,7 +250,8 @@ class WebhookInfo(BaseModel):
     )
     status: Literal["pending", "delivered", "failed"] | None = Field(
         description="The `completed` delivery's state (status, attempts, last_error); null when it is not one "
-        "of the events."
+        "of the events.",
+        examples=["delivered"],
     )
     attempts: int = 0
     last_error: str | None = None
