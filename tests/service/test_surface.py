@@ -159,7 +159,7 @@ def test_a_video_url_is_fetched_probed_and_generated_for(fetching: httpx.Client,
     [
         ("/loop", "url-redirects", 422),
         ("/to-file", "url-forbidden", 422),  # every hop is checked again: a redirect to file:// is refused
-        ("/bad-redirect", "url-forbidden", 422),
+        ("/bad-redirect", "url-unreachable", 422),  # httpx refuses the answer's Location
         ("/declared-huge", "url-too-large", 413),
         ("/undeclared-huge", "url-too-large", 413),  # counted while streaming
         ("/slow", "url-timeout", 422),
