@@ -9,6 +9,9 @@ the reaper already declared lost, always resolves to exactly one outcome.
     queued -> running -> succeeded | failed | canceled
     queued -> canceled
     running -> queued            (an abandoned job retried once)
+
+A deleted job's hash is removed outright: every later change of it is refused (the script finds no status), so
+a worker still running it stops at its next report and removes whatever it stored meanwhile.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, get_args
 
 from pydantic import BaseModel
 from redis import Redis
@@ -33,11 +37,12 @@ from service.schemas import (
     JobStatus,
     ModelInfo,
     Progress,
+    ResultFormat,
     StoredResult,
     WebhookState,
 )
 from service.settings import Settings
-from service.storage import BlobStore
+from service.storage import BlobStore, result_name
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +106,19 @@ NUMBER_SCRIPT = "redis.call('HSET', KEYS[2], 'queue_seq', redis.call('INCR', KEY
 
 
 def schedule_webhook(redis: Redis, job_id: str, due: float | None = None) -> None:
-    """Make the webhook of a finished job due at ``due`` (now by default)."""
+    """Make the webhook of a finished job (or a webhook message: its id) due at ``due`` (now by default)."""
     redis.zadd(keys.WEBHOOKS_DUE, {job_id: time.time() if due is None else due})
+
+
+def deadline_problem(record: JobRecord) -> dict[str, Any]:
+    assert record.deadline is not None
+    when = datetime.fromtimestamp(record.deadline, UTC).isoformat(timespec="seconds")
+    return problem_body("deadline-exceeded", f"Cancel-After: the job had to finish by {when}.")
+
+
+def result_names(job_id: str, num_samples: int) -> list[str]:
+    """Every result file a job can have (most exist only once asked for)."""
+    return [result_name(job_id, sample, fmt) for sample in range(num_samples) for fmt in get_args(ResultFormat)]
 
 
 @dataclass
@@ -126,6 +142,11 @@ class JobRecord:
     worker: str | None = None
     cancel_requested: bool = False
     revision: int = 1  # counts the job's applied changes: the id of its server-sent events
+    deadline: float | None = None  # unix time of its Cancel-After: canceled if not finished by then
+
+    @property
+    def overdue(self) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
 
     @property
     def variant(self) -> str:
@@ -147,7 +168,7 @@ class JobRecord:
             "cancel": "1" if self.cancel_requested else "",
             "revision": str(self.revision),
         }
-        for name in ("started_at", "finished_at"):
+        for name in ("started_at", "finished_at", "deadline"):
             value = getattr(self, name)
             if value is not None:
                 values[name] = repr(value)
@@ -197,6 +218,7 @@ class JobRecord:
             worker=data.get("worker") or None,
             cancel_requested=bool(data.get("cancel")),
             revision=int(data.get("revision") or 1),
+            deadline=number("deadline"),
         )
 
 
@@ -253,6 +275,8 @@ class JobStore:
                 pipe.zadd(index, {record.id: record.created_at})
                 pipe.zremrangebyscore(index, "-inf", f"({record.created_at - lifetime!r}")
                 pipe.expire(index, lifetime)
+                if record.deadline is not None:
+                    pipe.zadd(keys.DEADLINES, {record.id: record.deadline})
                 pipe.eval(NUMBER_SCRIPT, 2, keys.queued_count(record.variant), job_key)  # short: no SHA round trip
                 queue.enqueue(
                     self.redis,
@@ -363,11 +387,14 @@ class JobStore:
         return outcome
 
     def settle(self, record: JobRecord) -> None:
-        """What follows a job's end (``finish``'s second part): its upload deleted, its webhook due. Repeatable."""
+        """What follows a job's end (``finish``'s second part): its upload deleted, its `completed` webhook due,
+        its deadline dropped. Repeatable."""
         if record.upload:
             self.store.delete(record.upload)
-        if record.webhook:
+        if record.webhook and "completed" in record.webhook.events:
             schedule_webhook(self.redis, record.id)
+        if record.deadline is not None:
+            self.redis.zrem(keys.DEADLINES, record.id)
 
     def end(
         self,
@@ -412,6 +439,32 @@ class JobStore:
         elif outcome.status is JobStatus.running:
             self.update(record.id, (JobStatus.running,), event="cancel", cancel="1")
         return self.get(record.id)
+
+    def cancel_overdue(self, record: JobRecord) -> bool:
+        """Cancel a queued job whose deadline has passed (it never starts); returns whether it was."""
+        outcome = self.finish(record, (JobStatus.queued,), JobStatus.canceled, error=deadline_problem(record))
+        if outcome.applied:
+            queue.withdraw(self.redis, record.variant, record.id, record.attempts + 1)
+        return outcome.applied
+
+    def delete(self, record: JobRecord) -> None:
+        """Cancel the job if it has not ended, then remove its record, upload, results and pending webhooks:
+        from now on it does not exist for anyone."""
+        if not record.status.terminal:
+            self.update(record.id, (JobStatus.queued, JobStatus.running), JobStatus.canceled, event="deleted")
+            queue.withdraw(self.redis, record.variant, record.id, record.attempts + 1)
+        pattern = f"{keys.WEBHOOK_EVENT_PREFIX}{record.id}_*"
+        messages = [member.decode() for member, _ in self.redis.zscan_iter(keys.WEBHOOKS_DUE, match=pattern)]
+        with self.redis.pipeline() as pipe:
+            pipe.delete(keys.job(record.id), *(keys.webhook_event(message) for message in messages))
+            pipe.zrem(keys.owner_jobs(record.owner), record.id)
+            pipe.zrem(keys.WEBHOOKS_DUE, record.id, *messages)
+            pipe.zrem(keys.DEADLINES, record.id)
+            pipe.srem(keys.RUNNING_JOBS, record.id)
+            pipe.publish(keys.job_events(record.id), "deleted")  # followers see the job gone
+            pipe.execute()
+        uploaded = [record.upload] if record.upload else []
+        self.store.delete(*uploaded, *result_names(record.id, record.params.num_samples))
 
     def owned(
         self, owner: str, limit: int, before: float | None = None, statuses: set[JobStatus] | None = None

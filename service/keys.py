@@ -30,6 +30,8 @@ S3_EXPIRY = PREFIX + "s3:expiry"  # sorted set: S3-store blob name -> unix time 
 S3_WRITES = PREFIX + "s3:writes"  # sorted set: S3-store blob name being written -> unix time of its last progress
 STATUS_COUNTS = PREFIX + "stats:status"  # hash: status -> jobs that ever entered it
 JOB_SECONDS = PREFIX + "stats:job_seconds"  # hash: variant -> moving average of a job's run time
+DEADLINES = PREFIX + "deadlines"  # sorted set: job id -> its Cancel-After deadline (unix time)
+WEBHOOK_EVENT_PREFIX = "evt_"  # webhook message ids of started/progress events: evt_<job id>_<nonce>
 
 
 def job(job_id: str) -> str:
@@ -48,6 +50,11 @@ def owner_jobs(owner: str) -> str:
 
 def idempotency(owner: str, key_digest: str) -> str:
     return f"{PREFIX}idem:{owner}:{key_digest}"
+
+
+def webhook_event(message_id: str) -> str:
+    """Hash of one pending started/progress webhook message: its URL, body (a snapshot) and attempts."""
+    return f"{PREFIX}webhook:{message_id}"
 
 
 def worker(name: str) -> str:

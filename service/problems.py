@@ -47,6 +47,11 @@ PROBLEMS = _catalogue(
     ProblemType("video-too-short", 422, "The video is too short to generate audio for"),
     ProblemType("media-limits", 422, "The video is longer or larger than the service accepts"),
     ProblemType("media-timeout", 422, "Reading the upload took longer than the service allows"),
+    ProblemType("url-forbidden", 422, "The input URL (or a redirect) points where the service may not fetch"),
+    ProblemType("url-unreachable", 422, "The input URL could not be fetched"),
+    ProblemType("url-redirects", 422, "The input URL redirects too many times"),
+    ProblemType("url-too-large", 413, "The file at the input URL is larger than the service accepts"),
+    ProblemType("url-timeout", 422, "Fetching the input URL took longer than the service allows"),
     ProblemType("variant-unavailable", 422, "This deployment does not serve that model variant"),
     ProblemType("webhooks-disabled", 422, "This deployment does not send webhooks"),
     ProblemType("idempotency-key-reused", 422, "The Idempotency-Key was used for a different request"),
@@ -64,6 +69,8 @@ PROBLEMS = _catalogue(
     ProblemType("generation-failed", 500, "The model failed to generate audio"),
     ProblemType("unreadable-job", 500, "The job's stored record cannot be read"),
     ProblemType("redis-unavailable", 503, "Redis was unreachable for too long while the job needed it"),
+    # why a job was canceled by the service (the job's `error`, status canceled)
+    ProblemType("deadline-exceeded", 408, "The job did not finish before its Cancel-After deadline"),
 )
 
 

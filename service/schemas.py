@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from model.request import REQUEST_PARAMETERS
-from model.sequence import MIN_DURATION  # the shortest clip the model can condition on
+from model.sequence import AUDIO_16K, AUDIO_44K, MIN_DURATION  # the shortest clip the model can condition on
 from service.settings import Settings, Variant
 
 MAX_SEED = 2**63 - 1
@@ -32,6 +32,13 @@ class JobStatus(StrEnum):
 
 InputKind = Literal["video", "image", "text"]
 ResultFormat = Literal["mp4", "flac", "wav", "m4a"]
+WebhookEvent = Literal["started", "progress", "completed"]
+
+OUTPUT_SAMPLE_RATE = 48000  # the rate a job may ask for besides its variant's own (video editors, containers)
+NATIVE_SAMPLE_RATES = {
+    variant: AUDIO_16K.sampling_rate if variant == "small_16k" else AUDIO_44K.sampling_rate
+    for variant in get_args(Variant)
+}
 
 
 # parameter -> the setting that bounds it
@@ -102,6 +109,31 @@ class JobParams(BaseModel):
         description="Receives a signed POST of the finished job.",
         examples=["https://example.com/hooks/mmaudio"],
     )
+    webhook_events: list[WebhookEvent] | None = Field(
+        None,
+        min_length=1,
+        description="Which webhooks to send: `started` (a worker took the job), `progress` (throttled by the "
+        "deployment) and `completed` (the job ended). Default: completed only. In a form: comma-separated.",
+        examples=[["started", "progress", "completed"]],
+    )
+    video_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="A video to fetch (JSON submits): a public http(s) URL, instead of uploading the file.",
+        examples=["https://example.com/clip.mp4"],
+    )
+    image_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="A still image to fetch (JSON submits): a public http(s) URL, instead of uploading the file.",
+        examples=["https://example.com/photo.jpg"],
+    )
+    sample_rate: int | None = Field(
+        None,
+        description=f"Sample rate of the results: the variant's own (16000 for small_16k, 44100 otherwise; "
+        f"the default) or {OUTPUT_SAMPLE_RATE} (resampled).",
+        examples=[OUTPUT_SAMPLE_RATE],
+    )
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -119,12 +151,24 @@ class JobParams(BaseModel):
             raise ValueError(f"at most {limit}")
         return value
 
-    @field_validator("webhook_url")
+    @field_validator("webhook_url", "video_url", "image_url")
     @classmethod
-    def _webhook_scheme(cls, value: str | None) -> str | None:
+    def _http_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.lower().startswith(("http://", "https://")):
             raise ValueError("must be an http or https URL")
         return value
+
+    @field_validator("webhook_events", mode="before")
+    @classmethod
+    def _comma_separated_events(cls, value: object) -> object:
+        if isinstance(value, str):  # a form field
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _distinct_events(cls, value: list[WebhookEvent] | None) -> list[WebhookEvent] | None:
+        return None if value is None else list(dict.fromkeys(value))
 
     @model_validator(mode="after")
     def _format_fits_input(self, info: ValidationInfo) -> JobParams:
@@ -133,6 +177,10 @@ class JobParams(BaseModel):
             raise ValueError("output_format mp4 needs a video upload")
         if self.duration == WHOLE_VIDEO and context.get("input_kind") != "video":
             raise ValueError(f"duration {WHOLE_VIDEO!r} needs a video upload")
+        if self.webhook_events is not None and self.webhook_url is None:
+            raise ValueError("webhook_events needs a webhook_url")
+        if self.video_url is not None and self.image_url is not None:
+            raise ValueError("send one of video_url and image_url")
         return self
 
 
@@ -167,6 +215,11 @@ class EffectiveParams(BaseModel):
     num_samples: int = generation_parameter("num_samples", required=True)
     variant: str = Field(description="The model variant that runs the job.", examples=["large_44k_v2"])
     output_format: ResultFormat = Field(description="The default format of /result.", examples=["mp4"])
+    sample_rate: int | None = Field(
+        None,
+        description="Sample rate of the results (null in jobs made before it could be chosen: the variant's).",
+        examples=[48000],
+    )
 
     @property
     def generation_duration(self) -> float | None:
@@ -200,6 +253,11 @@ class MediaSummary(BaseModel):
 
 class InputInfo(BaseModel):
     kind: InputKind = Field(description="What conditions the audio: a video, an image or text.", examples=["video"])
+    url: str | None = Field(
+        None,
+        description="The video_url or image_url the input was fetched from.",
+        examples=["https://example.com/clip.mp4"],
+    )
     filename: str | None = Field(None, description="The upload's file name, made safe.", examples=["clip.mp4"])
     size: int | None = Field(None, description="Bytes uploaded.", examples=[1048576])
     sha256: str | None = Field(None, description="SHA-256 of the upload (hex).", examples=["9f86d081884c7d65" * 4])
@@ -262,10 +320,15 @@ class ResultInfo(BaseModel):
 
 class WebhookInfo(BaseModel):
     url: str = Field(description="The receiver.", examples=["https://example.com/hooks/mmaudio"])
-    status: Literal["pending", "delivered", "failed"] = Field(
-        description="Delivery state (failed: every retry failed).", examples=["delivered"]
+    events: list[WebhookEvent] = Field(
+        ["completed"], description="The events this job sends webhooks for.", examples=[["started", "completed"]]
     )
-    attempts: int = Field(0, description="Deliveries tried so far.", examples=[1])
+    status: Literal["pending", "delivered", "failed"] | None = Field(
+        description="The `completed` delivery's state (failed: every retry failed); null when it is not one of "
+        "the events.",
+        examples=["delivered"],
+    )
+    attempts: int = Field(0, description="Deliveries of `completed` tried so far.", examples=[1])
     last_error: str | None = Field(None, description="Why the last try failed.", examples=["HTTP 502"])
 
 
@@ -321,6 +384,12 @@ class Job(BaseModel):
         None, description="When a worker started it.", examples=["2025-01-01T12:00:01Z"]
     )
     finished_at: datetime | None = Field(None, description="When it ended.", examples=["2025-01-01T12:00:09Z"])
+    deadline: datetime | None = Field(
+        None,
+        description="From the submit's `Cancel-After`: the job is canceled (error `deadline-exceeded`) if it has "
+        "not finished by then.",
+        examples=["2026-01-01T12:01:30Z"],
+    )
     timings: dict[str, Any] = Field(
         default_factory=dict,
         description="Seconds per stage: queue, input, model (the pipeline's own stages), encode, total; "

@@ -298,6 +298,23 @@ class Settings(BaseSettings):
         False, description="Allow webhook URLs that resolve to loopback, private or link-local addresses."
     )
 
+    # --- inputs by URL, deadlines, webhook events -------------------------------------------------------------
+    fetch_allow_private: bool = Field(
+        False,
+        description="Allow `video_url`/`image_url` (and their redirects) that resolve to loopback, private or "
+        "link-local addresses.",
+    )
+    fetch_max_redirects: int = Field(3, ge=0, description="Redirects followed when fetching a `video_url`/`image_url`.")
+    fetch_timeout_seconds: float = Field(
+        30.0, gt=0, description="Time a `video_url`/`image_url` has to be fetched completely (else 422 `url-timeout`)."
+    )
+    max_cancel_after_seconds: float = Field(
+        86400.0, gt=0, description="Longest `Cancel-After` deadline a submit may ask for."
+    )
+    webhook_progress_interval_seconds: float = Field(
+        5.0, gt=0, description="At most one `progress` webhook per job this often."
+    )
+
     @field_validator("variants", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:

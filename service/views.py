@@ -60,6 +60,7 @@ def job_view(record: JobRecord, base_url: str, place: QueuePlace | None) -> dict
         created_at=timestamp(record.created_at),
         started_at=timestamp(record.started_at),
         finished_at=timestamp(record.finished_at),
+        deadline=timestamp(record.deadline),
         timings=record.timings,
         params=record.params,
         input=record.input,

@@ -141,8 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "HEAD", "POST"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Prefer", "Range"],
+            allow_methods=["GET", "HEAD", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Prefer", "Range", "Cancel-After"],
             expose_headers=["Location", "Retry-After", "Preference-Applied", "Idempotent-Replayed", "Content-Range"],
         )
     app.include_router(jobs.router)

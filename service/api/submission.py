@@ -5,22 +5,29 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import secrets
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
 
 from pydantic import ValidationError
 from redis import Redis
 
 from model import probe
 from service import capacity, keys, queue
+from service.api.fetching import fetch_input
 from service.api.probing import ProbePool
 from service.api.uploads import SubmitBody
 from service.jobs import JobRecord, JobStore
+from service.outbound import ForbiddenURL, UnresolvableURL, checked_address
 from service.problems import ProblemError
 from service.schemas import (
     DEFAULT_DURATION,
+    NATIVE_SAMPLE_RATES,
+    OUTPUT_SAMPLE_RATE,
     WHOLE_VIDEO,
     Duration,
     EffectiveParams,
@@ -37,10 +44,13 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.storage import BlobStore, upload_name
-from service.upkeep.webhooks import check_url
 
 RANDOM_SEED_BOUND = 2**31  # drawn seeds stay easy to read and to type back in
 PENDING = "pending"  # idempotency marker of a job still being created
+DRAWN_OR_RESOLVED = {"duration", "seed", "variant", "output_format", "sample_rate"}  # effective values the API decides
+URL_FIELDS = {"video_url": "video", "image_url": "image"}  # JSON fields naming an input to fetch -> its kind
+DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smh]?)")
+UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,30 @@ def estimate_wait_seconds(redis: Redis, settings: Settings, variant: str) -> int
 
 
 NOT_INTO_MP4 = "cannot be copied into an mp4 result; ask for output_format flac, wav or m4a (the audio alone)."
+
+
+def cancel_after_seconds(header: str | None, cap: float) -> float | None:
+    """Seconds of a ``Cancel-After`` header: a number of seconds (``90``) or one with a unit (``90s``, ``2m``,
+    ``1h``), more than 0 and at most ``cap``; None when absent."""
+    if header is None:
+        return None
+    match = DURATION.fullmatch(header.strip().lower())
+    if match is None:
+        raise ProblemError("validation-error", "Cancel-After must be seconds (90) or a duration (90s, 2m, 1h).")
+    seconds = float(match[1]) * UNIT_SECONDS[match[2]]
+    if not 0 < seconds <= cap:
+        raise ProblemError("validation-error", f"Cancel-After must be more than 0 and at most {cap:g} seconds.")
+    return seconds
+
+
+def input_kind(body: SubmitBody) -> InputKind:
+    """What the job generates from: the uploaded file's field, the URL field's kind, else text."""
+    named = [field for field in URL_FIELDS if body.fields.get(field) is not None]
+    if body.file is not None and named:
+        raise ProblemError("validation-error", f"Send the {body.file.field} either as a file or as {named[0]}.")
+    if body.file is not None:
+        return cast(InputKind, body.file.field)  # the file fields are named after the input kinds
+    return cast(InputKind, URL_FIELDS[named[0]]) if named else "text"
 
 
 def output_format(params: JobParams, kind: InputKind) -> ResultFormat:
@@ -104,6 +138,13 @@ def job_duration(params: JobParams, media: MediaSummary | None, max_duration: fl
     return WHOLE_VIDEO, length
 
 
+def webhook_state(params: JobParams, base_url: str) -> WebhookState:
+    assert params.webhook_url is not None
+    events = params.webhook_events or ["completed"]
+    status = "pending" if "completed" in events else None
+    return WebhookState(url=params.webhook_url, events=events, status=status, base_url=base_url)
+
+
 class Submitter:
     def __init__(self, redis: Redis, settings: Settings, jobs: JobStore, store: BlobStore, probes: ProbePool) -> None:
         self.redis = redis
@@ -122,8 +163,18 @@ class Submitter:
                 retry_after_seconds=wait,
             )
 
-    def submit(self, owner: str, body: SubmitBody, idempotency_key: str | None, base_url: str) -> Submitted:
-        kind = body.file.field if body.file else "text"
+    def submit(
+        self,
+        owner: str,
+        body: SubmitBody,
+        idempotency_key: str | None,
+        base_url: str,
+        folder: Path,
+        cancel_after: float | None = None,
+    ) -> Submitted:
+        """Validate, fetch (a ``video_url``/``image_url``, into ``folder``), probe and queue a job; ``cancel_after``
+        seconds from now is its deadline."""
+        kind = input_kind(body)
         try:
             params = JobParams.model_validate(body.fields, context={"settings": self.settings, "input_kind": kind})
         except ValidationError as err:
@@ -137,10 +188,16 @@ class Submitter:
             if not self.settings.webhook_secret:
                 raise ProblemError("webhooks-disabled", "Set MMAUDIO_WEBHOOK_SECRET to enable webhooks.")
             try:
-                check_url(params.webhook_url, self.settings.webhook_allow_private)
-            except ValueError as err:
-                raise ProblemError("validation-error", str(err)) from err
+                checked_address(params.webhook_url, self.settings.webhook_allow_private)
+            except (ForbiddenURL, UnresolvableURL) as err:
+                raise ProblemError("validation-error", f"webhook_url: {err}") from err
+        if params.sample_rate not in (None, NATIVE_SAMPLE_RATES[variant], OUTPUT_SAMPLE_RATE):
+            rates = f"{NATIVE_SAMPLE_RATES[variant]} (the variant's own) or {OUTPUT_SAMPLE_RATE}"
+            raise ProblemError("validation-error", f"sample_rate: {rates}.")
 
+        url = params.video_url or params.image_url
+        if url is not None:
+            body.file = fetch_input(url, kind, folder, self.settings)
         input_info = InputInfo(kind=kind)
         media = None
         if body.file is not None:
@@ -148,7 +205,12 @@ class Submitter:
             if kind == "video" and output_format(params, kind) == "mp4":
                 check_copyable_into_mp4(media)
             input_info = InputInfo(
-                kind=kind, filename=body.file.filename, size=body.file.size, sha256=body.file.sha256, media=media
+                kind=kind,
+                url=url,
+                filename=body.file.filename,
+                size=body.file.size,
+                sha256=body.file.sha256,
+                media=media,
             )
         durations = job_duration(params, media if kind == "video" else None, self.settings.max_duration)
 
@@ -165,7 +227,9 @@ class Submitter:
 
         try:
             self.check_capacity(variant)
-            record = self._create(job_id, owner, params, durations, variant, input_info, body, base_url)
+            record = self._create(
+                job_id, owner, params, durations, variant, input_info, body, base_url, cancel_after
+            )
         except BaseException:
             if idem_key is not None:
                 self.redis.delete(idem_key)
@@ -211,16 +275,19 @@ class Submitter:
         input_info: InputInfo,
         body: SubmitBody,
         base_url: str,
+        cancel_after: float | None,
     ) -> JobRecord:
         seed = params.seed if params.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
         effective = EffectiveParams(
-            **params.model_dump(exclude={"duration", "seed", "variant", "output_format", "webhook_url"}),
+            **params.model_dump(include=set(EffectiveParams.model_fields) - DRAWN_OR_RESOLVED),
             requested_duration=durations[0],
             duration=durations[1],
             seed=seed,
             variant=variant,
             output_format=output_format(params, input_info.kind),
+            sample_rate=params.sample_rate or NATIVE_SAMPLE_RATES[variant],
         )
+        created = time.time()
         upload = None
         if body.file is not None:
             upload = upload_name(job_id)
@@ -229,7 +296,8 @@ class Submitter:
             id=job_id,
             owner=owner,
             status=JobStatus.queued,
-            created_at=time.time(),
+            created_at=created,
+            deadline=None if cancel_after is None else created + cancel_after,
             params=effective,
             input=input_info,
             model=ModelInfo(
@@ -238,9 +306,7 @@ class Submitter:
             ),
             upload=upload,
             progress=Progress(stage="queued", fraction=0.0),
-            webhook=None
-            if params.webhook_url is None
-            else WebhookState(url=params.webhook_url, status="pending", base_url=base_url),
+            webhook=None if params.webhook_url is None else webhook_state(params, base_url),
         )
         try:
             self.jobs.create(record)

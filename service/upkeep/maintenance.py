@@ -1,4 +1,4 @@
-"""Background upkeep run by every API process: abandoned jobs, due webhooks, expired files.
+"""Background upkeep run by every API process: abandoned jobs, overdue queued jobs, due webhooks, expired files.
 
 Each task is safe to run in several processes at once (guarded transitions, leased claims, idempotent
 deletes), so API replicas need no leader.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from redis import Redis
 
@@ -33,8 +34,22 @@ class Maintenance:
 
     def tick(self) -> None:
         self.reap_abandoned()
+        self.cancel_overdue()
         self.webhooks.deliver_due()
         self.store.sweep()
+
+    def cancel_overdue(self) -> list[str]:
+        """Queued jobs whose Cancel-After deadline has passed: canceled, so they never start (the worker running
+        a job ends it at its next progress report). Returns the ids canceled."""
+        canceled = []
+        for raw in self.redis.zrangebyscore(keys.DEADLINES, "-inf", time.time()):
+            job_id = raw.decode()
+            record = self.jobs.get(job_id)
+            if record is None or record.status.terminal:
+                self.redis.zrem(keys.DEADLINES, job_id)
+            elif record.status is JobStatus.queued and self.jobs.cancel_overdue(record):
+                canceled.append(job_id)
+        return canceled
 
     def reap_abandoned(self) -> list[str]:
         """Running jobs whose worker's heartbeat expired: queue them again (once, if allowed) or fail them.

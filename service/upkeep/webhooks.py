@@ -1,12 +1,14 @@
-"""Webhooks: the finished job POSTed to the client's URL, signed the Standard Webhooks way, retried with backoff.
+"""Webhooks: job events POSTed to the client's URL, signed the Standard Webhooks way, retried with backoff.
 
 Headers: ``webhook-id`` (the same on every retry, so receivers can drop duplicates), ``webhook-timestamp``
 (unix seconds) and ``webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">``. The body is
-``{"type": "job.<status>", "timestamp": ..., "data": <job object>}``.
+``{"type": "job.<status>", "timestamp": ..., "data": <job object>}`` for the `completed` event (the job as it
+is at delivery, its state kept in the job's `webhook`), and ``job.started`` / ``job.progress`` with a snapshot
+of the job when the worker announced the event (each message kept in its own hash until delivered or given up).
 
-Deliveries are scheduled in a Redis sorted set (job id -> due time). Any API process claims due ones for a
-lease, so several replicas never deliver the same webhook at once, and one that dies mid-delivery only delays
-the retry until its lease ends.
+Deliveries are scheduled in a Redis sorted set (job id or message id -> due time). Any API process claims due
+ones for a lease, so several replicas never deliver the same webhook at once, and one that dies mid-delivery
+only delays the retry until its lease ends.
 """
 
 from __future__ import annotations
@@ -14,20 +16,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
-import socket
 import time
+import uuid
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 import httpx
 from redis import Redis
 
 from service import keys, views
-from service.jobs import JobStore, schedule_webhook
-from service.schemas import JobStatus
+from service.jobs import JobRecord, JobStore, schedule_webhook
+from service.outbound import ForbiddenURL, UnresolvableURL, send_pinned
+from service.schemas import JobStatus, WebhookEvent
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,36 +59,23 @@ def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def check_url(url: str, allow_private: bool) -> str:
-    """Refuse URLs a webhook must not reach (raises ValueError): other schemes, and unless allowed, hosts that
-    resolve to loopback, private, link-local or otherwise internal addresses. Returns the checked address
-    the delivery connects to."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("webhook_url must be an absolute http or https URL")
-    try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as err:
-        raise ValueError(f"webhook host {parts.hostname!r} does not resolve") from err
-    addresses = [info[4][0] for info in infos]
-    if not allow_private:
-        for address in addresses:
-            ip = ipaddress.ip_address(address.split("%")[0])
-            if not ip.is_global:
-                raise ValueError(f"webhook host {parts.hostname!r} resolves to a non-public address ({ip})")
-    return addresses[0]
+def message_body(event_type: str, job: dict[str, Any]) -> bytes:
+    return json.dumps({"type": event_type, "timestamp": datetime.now(UTC).isoformat(), "data": job}).encode()
 
 
-def pinned_request(url: str, address: str) -> tuple[str, str, dict[str, str]]:
-    """(URL, Host header, request extensions) that reach ``url``'s server at the checked ``address``: the
-    connection cannot be steered elsewhere by a second DNS answer, while the Host header and, for https,
-    the TLS server name and certificate check stay those of the URL's host."""
-    parts = urlsplit(url)
-    credentials, _, host_and_port = parts.netloc.rpartition("@")
-    ip = f"[{address}]" if ":" in address else address
-    netloc = (f"{credentials}@" if credentials else "") + ip + (f":{parts.port}" if parts.port else "")
-    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
-    return urlunsplit(parts._replace(netloc=netloc)), host_and_port, extensions
+def announce(redis: Redis, record: JobRecord, event: WebhookEvent, job: dict[str, Any], ttl_seconds: int) -> bool:
+    """Queue a ``started`` or ``progress`` webhook of ``record`` carrying ``job`` (its job object now), if the
+    job asked for that event; returns whether it did."""
+    if record.webhook is None or event not in record.webhook.events:
+        return False
+    message_id = f"{keys.WEBHOOK_EVENT_PREFIX}{record.id}_{uuid.uuid4().hex[:12]}"
+    body = message_body(f"job.{event}", job)
+    with redis.pipeline() as pipe:
+        pipe.hset(keys.webhook_event(message_id), mapping={"job": record.id, "url": record.webhook.url, "body": body})
+        pipe.expire(keys.webhook_event(message_id), ttl_seconds)
+        pipe.zadd(keys.WEBHOOKS_DUE, {message_id: time.time()})
+        pipe.execute()
+    return True
 
 
 class WebhookSender:
@@ -104,9 +93,16 @@ class WebhookSender:
         """Try every due delivery once; returns how many were tried."""
         now = time.time()
         due = self._claim(keys=[keys.WEBHOOKS_DUE], args=[now, now + CLAIM_LEASE_SECONDS, CLAIM_BATCH])
-        for job_id in due:
-            self._attempt(job_id.decode())
+        for member in due:
+            name = member.decode()
+            if name.startswith(keys.WEBHOOK_EVENT_PREFIX):
+                self._attempt_event(name)
+            else:
+                self._attempt(name)
         return len(due)
+
+    def _retry_delay(self, attempts: int) -> float:
+        return self.settings.webhook_backoff_seconds * 2 ** (attempts - 1)
 
     def _attempt(self, job_id: str) -> None:
         record = self.jobs.get(job_id)
@@ -114,7 +110,8 @@ class WebhookSender:
             self.redis.zrem(keys.WEBHOOKS_DUE, job_id)
             return
         webhook = record.webhook.model_copy()
-        error = self._post(webhook.url, job_id, record.status, views.job_view(record, webhook.base_url, None))
+        body = message_body(f"job.{record.status.value}", views.job_view(record, webhook.base_url, None))
+        error = self._post(webhook.url, f"msg_{job_id}", body)
         webhook.attempts += 1
         webhook.last_error = error
         if error is None:
@@ -122,35 +119,46 @@ class WebhookSender:
         elif webhook.attempts >= self.settings.webhook_max_attempts:
             webhook.status = "failed"
         else:
-            delay = self.settings.webhook_backoff_seconds * 2 ** (webhook.attempts - 1)
-            schedule_webhook(self.redis, job_id, time.time() + delay)
+            schedule_webhook(self.redis, job_id, time.time() + self._retry_delay(webhook.attempts))
         if webhook.status != "pending":
             self.redis.zrem(keys.WEBHOOKS_DUE, job_id)
         terminal = tuple(status for status in JobStatus if status.terminal)
         self.jobs.update(job_id, terminal, event="webhook", webhook=webhook)
 
-    def _post(self, url: str, job_id: str, status: JobStatus, job: dict) -> str | None:
+    def _attempt_event(self, message_id: str) -> None:
+        """One delivery of a started/progress message; dropped once delivered, given up, or its job is gone."""
+        key = keys.webhook_event(message_id)
+        message = self.redis.hgetall(key)
+        job_id = message.get(b"job", b"").decode()
+        if not message or self.jobs.get(job_id) is None:
+            self.redis.zrem(keys.WEBHOOKS_DUE, message_id)
+            self.redis.delete(key)
+            return
+        error = self._post(message[b"url"].decode(), message_id, message[b"body"])
+        attempts = self.redis.hincrby(key, "attempts", 1)
+        if error is None or attempts >= self.settings.webhook_max_attempts:
+            if error is not None:
+                log.warning("webhook %s of job %s given up after %d attempts: %s", message_id, job_id, attempts, error)
+            self.redis.zrem(keys.WEBHOOKS_DUE, message_id)
+            self.redis.delete(key)
+        else:
+            schedule_webhook(self.redis, message_id, time.time() + self._retry_delay(attempts))
+
+    def _post(self, url: str, message_id: str, body: bytes) -> str | None:
         """One delivery; returns None on success, else why it failed."""
-        try:
-            address = check_url(url, self.settings.webhook_allow_private)
-        except ValueError as err:
-            return str(err)
-        target, host, extensions = pinned_request(url, address)
-        body = json.dumps(
-            {"type": f"job.{status.value}", "timestamp": datetime.now(UTC).isoformat(), "data": job}
-        ).encode()
-        message_id = f"msg_{job_id}"
         timestamp = int(time.time())
         headers = {
-            "host": host,
             "content-type": "application/json",
             "webhook-id": message_id,
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signature(self.settings.webhook_secret or "", message_id, timestamp, body),
         }
         try:
-            response = self.client.post(target, content=body, headers=headers, extensions=extensions)
-        except httpx.HTTPError as err:
+            response = send_pinned(self.client, "POST", url, self.settings.webhook_allow_private, headers, body)
+            response.close()  # only the status matters
+        except (ForbiddenURL, UnresolvableURL) as err:
+            return f"webhook_url: {err}"
+        except (httpx.HTTPError, httpx.InvalidURL) as err:
             return f"{type(err).__name__}: {err}"
         if response.is_success:
             return None

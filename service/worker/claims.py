@@ -34,24 +34,28 @@ from service.worker.outages import persist
 #     attempt, duration, steps, samples, holder} with holder 'own', 'other' (reserved by another live worker)
 #     or 'free'. An entry is stale when its job is no longer queued at that attempt (canceled, expired,
 #     re-queued as a later attempt); stale entries are removed when `drop_stale` and returned (their RQ hashes
-#     are the caller's: see keys.py).
+#     are the caller's: see keys.py). Also returned: the queued jobs of the window whose record does not parse,
+#     and those whose Cancel-After deadline is at or before `now` (never started: canceled instead).
 #   next_batch: the group (duration, steps) of the worker's oldest own reservation, else of the oldest job it
 #     may take; then the oldest jobs of that group it may take, as long as their samples (rows of the pass)
 #     add up to at most `limit` (the first job is taken whatever its size); a first job longer than `alone_above`
 #     seconds (a long video: many windows) is taken alone. Jobs reserved by others are taken only by a worker
 #     without reservations of its own that is allowed to (`takes_reserved`).
 SELECTION_LUA = """
-local function queued_jobs(queue_key, window, job_prefix, reserved_prefix, worker_prefix, worker, drop_stale)
-  local found, unreadable, stale = {}, {}, {}
+local function queued_jobs(queue_key, window, job_prefix, reserved_prefix, worker_prefix, worker, drop_stale, now)
+  local found, unreadable, stale, expired = {}, {}, {}, {}
   for _, entry in ipairs(redis.call('LRANGE', queue_key, 0, window - 1)) do
     local id, attempt = string.match(entry, '^(.+)_(%d+)$')
-    local job = id and redis.call('HMGET', job_prefix .. id, 'status', 'attempts', 'params')
+    local job = id and redis.call('HMGET', job_prefix .. id, 'status', 'attempts', 'params', 'deadline')
     local current = job and job[1] == 'queued' and tonumber(job[2]) == tonumber(attempt) - 1
     local readable, params = false, nil
     if current then readable, params = pcall(cjson.decode, job[3]) end
     readable = readable and type(params) == 'table' and type(params.duration) == 'number'
                and type(params.num_steps) == 'number' and type(params.num_samples or 1) == 'number'
-    if current and not readable then
+    local deadline = current and tonumber(job[4] or '')
+    if readable and deadline and deadline <= now then
+      expired[#expired + 1] = {entry = entry, id = id, attempt = tonumber(attempt)}
+    elseif current and not readable then
       unreadable[#unreadable + 1] = {entry = entry, id = id, attempt = tonumber(attempt)}
     elseif readable then
       local holder = redis.call('GET', reserved_prefix .. id)
@@ -69,7 +73,7 @@ local function queued_jobs(queue_key, window, job_prefix, reserved_prefix, worke
       stale[#stale + 1] = entry
     end
   end
-  return found, unreadable, stale
+  return found, unreadable, stale, expired
 end
 
 local function next_batch(found, limit, takes_reserved, alone_above)
@@ -99,41 +103,47 @@ end
 
 # KEYS: running set, status counts, queue list.
 # ARGV: worker, limit, window, job key prefix, job channel prefix, reservation key prefix, worker heartbeat key
-#       prefix, longest duration batched with others, then field/value pairs set on every claimed job.
+#       prefix, longest duration batched with others, now (unix time), then field/value pairs set on every
+#       claimed job.
 # Returns the claimed queue entries, oldest first; the entries of queued jobs whose parameters do not parse,
-# which are taken too (the worker fails them) so that one bad record can never block the queue; and the stale
-# entries removed.
+# which are taken too (the worker fails them) so that one bad record can never block the queue; the stale
+# entries removed; and the entries of queued jobs past their deadline, taken off the queue but left queued (the
+# worker cancels them).
 CLAIM_SCRIPT = (
     CHANGE_JOB_LUA
     + SELECTION_LUA
     + """
-local found, unreadable, stale = queued_jobs(KEYS[3], tonumber(ARGV[3]), ARGV[4], ARGV[6], ARGV[7], ARGV[1], true)
-local function take(jobs)
+local found, unreadable, stale, expired = queued_jobs(KEYS[3], tonumber(ARGV[3]), ARGV[4], ARGV[6], ARGV[7],
+                                                      ARGV[1], true, tonumber(ARGV[9]))
+local function take(jobs, start)
   local entries = {}
   for _, job in ipairs(jobs) do
     redis.call('LREM', KEYS[3], 1, job.entry)
     redis.call('DEL', ARGV[6] .. job.id)
-    local fields = {'attempts', tostring(job.attempt)}
-    for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
-    change_job(ARGV[4] .. job.id, KEYS[1], KEYS[2], ARGV[5] .. job.id, job.id, 'queued', '',
-               tostring(job.attempt - 1), 'running', 0, 'running', fields)
+    if start then
+      local fields = {'attempts', tostring(job.attempt)}
+      for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+      change_job(ARGV[4] .. job.id, KEYS[1], KEYS[2], ARGV[5] .. job.id, job.id, 'queued', '',
+                 tostring(job.attempt - 1), 'running', 0, 'running', fields)
+    end
     entries[#entries + 1] = job.entry
   end
   return entries
 end
-return {take(next_batch(found, tonumber(ARGV[2]), true, tonumber(ARGV[8]))), take(unreadable), stale}
+return {take(next_batch(found, tonumber(ARGV[2]), true, tonumber(ARGV[8])), true), take(unreadable, true),
+        stale, take(expired, false)}
 """
 )
 
 # KEYS: queue list.
 # ARGV: worker, limit, window, job key prefix, reservation key prefix, worker heartbeat key prefix, reservation
-#       TTL (s), longest duration batched with others.
+#       TTL (s), longest duration batched with others, now (unix time).
 # Returns the reserved queue entries, oldest first; the worker's reservations within the window outside them are
 # dropped (one pushed out of it by jobs re-queued at the front expires by itself).
 RESERVE_SCRIPT = (
     SELECTION_LUA
     + """
-local found = queued_jobs(KEYS[1], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], ARGV[1], false)
+local found = queued_jobs(KEYS[1], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], ARGV[1], false, tonumber(ARGV[9]))
 local chosen, entries = {}, {}
 for _, job in ipairs(next_batch(found, tonumber(ARGV[2]), false, tonumber(ARGV[8]))) do
   redis.call('SET', ARGV[5] .. job.id, ARGV[1], 'EX', ARGV[7])
@@ -189,15 +199,16 @@ class QueueClaims:
             queue.RESERVATION_PREFIX,
             keys.worker(""),
             self.jobs.settings.batch_max_duration,
+            time.time(),
             *pairs,
         ]
         while True:
             claim_keys = [keys.RUNNING_JOBS, keys.STATUS_COUNTS, self.queue_key]
-            batch, unreadable, stale = self._claim(keys=claim_keys, args=args)
-            if batch or unreadable or len(stale) < self.window:
+            batch, unreadable, stale, expired = self._claim(keys=claim_keys, args=args)
+            if batch or unreadable or expired or len(stale) < self.window:
                 break
             queue.forget_entries(self.redis, [entry.decode() for entry in stale])
-        taken = [entry.decode() for entry in (*batch, *unreadable, *stale)]
+        taken = [entry.decode() for entry in (*batch, *unreadable, *stale, *expired)]
         owned = [queue.parse_rq_job_id(entry.decode()) for entry in batch]
         now = time.time()
 
@@ -223,6 +234,10 @@ class QueueClaims:
                 records.append(record)
         for job_id, attempt in broken:
             self.jobs.fail_unreadable(job_id, attempt, self.worker_name)
+        for job_id, _ in (queue.parse_rq_job_id(entry.decode()) for entry in expired):
+            overdue = self.jobs.get(job_id)
+            if overdue is not None:
+                self.jobs.cancel_overdue(overdue)
         return records
 
     def reserve(self, limit: int) -> list[str]:
@@ -238,6 +253,7 @@ class QueueClaims:
                 keys.worker(""),
                 self.reservation_seconds,
                 self.jobs.settings.batch_max_duration,
+                time.time(),
             ],
         )
         return [entry.decode() for entry in entries]

@@ -1,11 +1,12 @@
 """Running a claimed batch of jobs on the resident pipeline: their inputs, one shared pass, their results.
 
 The jobs of a batch share the model's pass but end on their own. Each progress report goes to every job
-still in it, and its answer decides that job alone: a cancel request ends it as canceled, a passed deadline
-as failed (`timeout`), a job the reaper took away is dropped; its result, if the pass still makes one, is
-discarded. The pass itself stops only when no job is left in it. A job whose input cannot be decoded fails
-before the pass, alone; when a shared pass fails (out of GPU memory at that batch size, say), each of its
-jobs is run again alone, so only a job that fails on its own ends as failed.
+still in it, and its answer decides that job alone: a cancel request or a passed Cancel-After deadline ends it
+as canceled, a passed job timeout as failed (`timeout`), a job the reaper took away (or that was deleted) is
+dropped; its result, if the pass still makes one, is discarded, and results stored for a job that is no
+longer this worker's to end are removed again. The pass itself stops only when no job is left in it. A job
+whose input cannot be decoded fails before the pass, alone; when a shared pass fails (out of GPU memory at
+that batch size, say), each of its jobs is run again alone, so only a job that fails on its own ends as failed.
 
 The stages run on different threads of the worker: inputs are prepared ahead by the prefetcher (or here
 when they were not), the pass runs on the main thread, results are encoded and stored by the finisher while
@@ -26,20 +27,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import torchaudio
 from redis import Redis
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from model.media_errors import MediaError
 from model.pipeline import Cancelled, GenerationResult, Pipeline, PreparedRequest, ProgressCallback, StepDetail
 from model.request import REQUEST_PARAMETERS, GenerationRequest
-from service import keys, queue
-from service.jobs import JobRecord, JobStore, UpdateOutcome
+from service import keys, queue, views
+from service.jobs import JobRecord, JobStore, UpdateOutcome, deadline_problem, result_names
 from service.media_problems import media_problem
 from service.metrics import record_stages
 from service.problems import problem_body
 from service.results import Results
-from service.schemas import JobStatus, ModelInfo, WeightsInfo
+from service.schemas import JobStatus, ModelInfo, WebhookEvent, WeightsInfo
 from service.storage import BlobStore
+from service.upkeep.webhooks import announce
 from service.worker.outages import REDIS_DOWN, BestEffort, persist
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,7 @@ class ActiveJob:
     timings: dict[str, Any] = field(default_factory=dict)
     input: JobInput | None = None
     ended: bool = False  # canceled, failed or taken away before its result was stored
+    progress_webhook_at: float = -math.inf  # time.monotonic() of its last progress webhook
 
     @property
     def owned(self) -> tuple[str, int]:
@@ -176,7 +180,10 @@ class JobExecutor:
         try:
             with UnixSignalDeathPenalty(hard_stop, JobTimeoutException):
                 for job in batch:
-                    self._prepare(job, ready.get(queue.rq_job_id(*job.owned)))
+                    if job.record.overdue:  # its deadline passed as it was taken: it does not start
+                        self._end(job, JobStatus.canceled, error=deadline_problem(job.record))
+                    else:
+                        self._prepare(job, ready.get(queue.rq_job_id(*job.owned)))
                 groups: dict[Any, list[ActiveJob]] = {}
                 for job in batch:
                     if not job.ended:
@@ -196,7 +203,14 @@ class JobExecutor:
         job.timings["queue"] = record.started_at - record.created_at
         with self._held_lock:
             self._held.add(record.id)
+        self._announce(record, "started")
         return job
+
+    def _announce(self, record: JobRecord, event: WebhookEvent) -> None:
+        """Queue a started/progress webhook of the job, if it asked for that event."""
+        if record.webhook is not None and event in record.webhook.events:
+            view = views.job_view(record, record.webhook.base_url, None)
+            announce(self.redis, record, event, view, self.settings.result_ttl_seconds)
 
     def _prepare(self, job: ActiveJob, ahead: Future[JobInput] | None) -> None:
         """The job's input, from the prefetcher or decoded now; a job whose input fails ends here, alone."""
@@ -260,12 +274,27 @@ class JobExecutor:
                     job.ended = True
                 elif outcome is not None and outcome.cancel_requested:
                     self._end(job, JobStatus.canceled)
+                elif job.record.overdue:
+                    self._end(job, JobStatus.canceled, error=deadline_problem(job.record))
                 elif now > job.deadline:
                     self._end(job, JobStatus.failed, error=job.timeout_problem)
+                else:
+                    self._progress_webhook(job, now)
             if all(job.ended for job in group):
                 raise Cancelled("no job is left in the batch")
 
         return report
+
+    def _progress_webhook(self, job: ActiveJob, now: float) -> None:
+        webhook = job.record.webhook
+        if webhook is None or "progress" not in webhook.events:
+            return
+        if now - job.progress_webhook_at < self.settings.webhook_progress_interval_seconds:
+            return
+        job.progress_webhook_at = now
+        current = self.jobs.get(job.record.id)
+        if current is not None:
+            self._announce(current, "progress")
 
     def finish(self, batch: list[ActiveJob], results: Mapping[str, GenerationResult]) -> None:
         """Store each live job's results and end it as succeeded; release every job of the batch."""
@@ -282,18 +311,25 @@ class JobExecutor:
 
     def _complete(self, job: ActiveJob, result: GenerationResult) -> None:
         assert job.input is not None
+        if job.record.overdue:
+            self._end(job, JobStatus.canceled, error=deadline_problem(job.record))
+            return
         media = job.input.media
         try:
             encoding = self._retried(lambda: self._publish_progress([job], "encoding", 0.0), "reporting progress")
             if not encoding[0].applied:
                 raise JobLost(job.record.id)
             started = time.perf_counter()
+            audio, rate = result.audio, result.sample_rate
+            wanted = job.record.params.sample_rate
+            if wanted is not None and wanted != rate:
+                audio, rate = torchaudio.functional.resample(audio.float(), rate, wanted), wanted
             result_info = self._retried(
                 lambda: self.results.store_job(
                     job.record.id,
                     job.record.params.output_format,
-                    result.audio,
-                    result.sample_rate,
+                    audio,
+                    rate,
                     result.duration,
                     media,
                     self.settings.result_ttl_seconds,
@@ -320,6 +356,10 @@ class JobExecutor:
                 self._record_metrics(job.record.variant, job.timings)
             except REDIS_DOWN as err:  # the job is done; its share of the metrics is not worth a wait
                 log.warning("job %s: metrics not recorded (%s)", job.record.id, err)
+        else:  # canceled or deleted while its files were written: they must not outlive that
+            current = self.jobs.get(job.record.id)
+            if current is None or current.attempts == job.record.attempts:  # a later attempt writes the same names
+                self.store.delete(*result_names(job.record.id, result_info.num_samples))
 
     def _retried(self, call: Callable[[], T], doing: str) -> T:
         """``call()`` retried while Redis is down, for `worker_redis_retry_seconds` at most."""

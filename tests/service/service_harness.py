@@ -7,17 +7,21 @@ meet. The main stack requires API keys; the crash stacks run without keys and st
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,7 @@ MAIN_SETTINGS = {
     "MMAUDIO_WEBHOOK_SECRET": WEBHOOK_SECRET,
     "MMAUDIO_WEBHOOK_ALLOW_PRIVATE": "true",
     "MMAUDIO_WEBHOOK_BACKOFF_SECONDS": "0.5",
+    "MMAUDIO_WEBHOOK_PROGRESS_INTERVAL_SECONDS": "0.5",
     "MMAUDIO_WORKER_HEARTBEAT_SECONDS": "0.5",
     "MMAUDIO_WORKER_TTL_SECONDS": "2",
     "MMAUDIO_MAINTENANCE_INTERVAL_SECONDS": "0.25",
@@ -238,3 +243,38 @@ def wait_for_sampling(client: httpx.Client, job_id: str, timeout: float = JOB_TI
         return job if progress.get("stage") == "sampling" and progress.get("fraction", 0) > 0 else None
 
     return wait_until(sampling, timeout, f"job {job_id} to start sampling", interval=0.05)
+
+
+class WebhookReceiver:
+    """An HTTP server recording every POST; answers 500 to the first `failures` of them."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.failures = failures
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(500 if len(receiver.requests) <= receiver.failures else 204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def signed_with_test_secret(headers: dict[str, str], body: bytes) -> bool:
+    """Whether a webhook delivery carries the Standard Webhooks signature made with WEBHOOK_SECRET."""
+    key = base64.b64decode(WEBHOOK_SECRET.removeprefix("whsec_"))
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return f"v1,{expected}" in headers["webhook-signature"].split(" ")

@@ -72,7 +72,14 @@ def job_store(redis_server: str) -> Iterator[JobStore]:
     redis.flushdb()
 
 
-def queue_job(jobs: JobStore, duration: float, num_steps: int = 2, num_samples: int = 1, prompt: str = "") -> str:
+def queue_job(
+    jobs: JobStore,
+    duration: float,
+    num_steps: int = 2,
+    num_samples: int = 1,
+    prompt: str = "",
+    deadline: float | None = None,
+) -> str:
     params = {
         "prompt": prompt,
         "negative_prompt": "",
@@ -93,6 +100,7 @@ def queue_job(jobs: JobStore, duration: float, num_steps: int = 2, num_samples: 
         EffectiveParams(**params),
         InputInfo(kind="text"),
         MODEL,
+        deadline=deadline,
     )
     jobs.create(record)
     return record.id
@@ -126,6 +134,20 @@ def test_a_claim_takes_the_oldest_job_and_the_next_ones_of_its_group(job_store: 
     assert claimed_ids(claims) == [ids[5]]  # the step count is part of the group
     assert claimed_ids(claims) == [ids[6]]
     assert claimed_ids(claims) == [] and queue.depth(job_store.redis, VARIANT) == 0
+
+
+def test_a_queued_job_past_its_deadline_is_never_reserved_nor_started(job_store: JobStore) -> None:
+    overdue = queue_job(job_store, 1.0, deadline=time.time() - 0.1)
+    later = queue_job(job_store, 1.0, deadline=time.time() + 3600)
+    claims = worker_claims(job_store, "w1")
+    entry = queue.rq_job_id(later, 1)
+    assert claims.reserve(8) == [entry]
+    assert claimed_ids(claims) == [later]
+    record = job_store.get(overdue)
+    assert record.status is JobStatus.canceled and record.started_at is None and record.attempts == 0
+    assert record.error["type"] == "urn:mmaudio:problem:deadline-exceeded"
+    assert queue.depth(job_store.redis, VARIANT) == 0
+    assert job_store.redis.zscore(keys.DEADLINES, overdue) is None
 
 
 def test_a_batch_holds_at_most_max_batch_samples_but_always_the_oldest_job(job_store: JobStore) -> None:

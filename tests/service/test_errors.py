@@ -153,7 +153,8 @@ def test_malformed_bodies(alice: httpx.Client, media: Media) -> None:
 def test_unknown_job_and_route(alice: httpx.Client) -> None:
     assert_problem(alice.get("/v1/jobs/does-not-exist"), 404, "not-found")
     assert_problem(alice.get("/v1/nothing-here"), 404, "not-found")
-    assert_problem(alice.delete("/v1/jobs/does-not-exist"), 405, "method-not-allowed")
+    assert_problem(alice.put("/v1/jobs/does-not-exist"), 405, "method-not-allowed")
+    assert_problem(alice.delete("/v1/jobs/does-not-exist"), 404, "not-found")
     assert_problem(alice.get("/v1/jobs/x/result", params={"sample": -1}), 422, "validation-error")
 
 

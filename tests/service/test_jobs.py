@@ -7,10 +7,8 @@ import hashlib
 import hmac
 import io
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import av
@@ -25,6 +23,7 @@ from service_harness import (
     WEBHOOK_SECRET,
     Media,
     Stack,
+    WebhookReceiver,
     form,
     wait_for_sampling,
     wait_for_status,
@@ -304,33 +303,6 @@ def test_cancel_queued_and_running(alice: httpx.Client) -> None:
     done = alice.post("/v1/jobs", json=QUICK, headers=WAIT).json()
     refused = alice.post(f"/v1/jobs/{done['id']}/cancel")
     assert refused.status_code == 409 and refused.json()["type"] == "urn:mmaudio:problem:job-not-cancelable"
-
-
-class WebhookReceiver:
-    """An HTTP server recording every POST; answers 500 to the first `failures` of them."""
-
-    def __init__(self, failures: int = 0) -> None:
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.failures = failures
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(500 if len(receiver.requests) <= receiver.failures else 204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
 
 
 @pytest.fixture

@@ -10,10 +10,12 @@ from service_harness import REPO
 
 from service.api.auth import ANONYMOUS, KeyRing
 from service.api.ranges import byte_range, content_disposition
+from service.api.submission import cancel_after_seconds
 from service.api.uploads import safe_filename
+from service.outbound import ForbiddenURL, UnresolvableURL, checked_address, pinned_request
 from service.problems import ProblemError
 from service.settings import Settings, settings_table
-from service.upkeep.webhooks import check_url, pinned_request, signature
+from service.upkeep.webhooks import signature
 
 
 def test_every_setting_is_documented() -> None:
@@ -76,12 +78,12 @@ def test_download_names_are_harmless() -> None:
 )
 def test_webhooks_to_internal_addresses_are_refused(url: str) -> None:
     with pytest.raises(ValueError):
-        check_url(url, allow_private=False)
-    check_url(url, allow_private=True)
+        checked_address(url, allow_private=False)
+    checked_address(url, allow_private=True)
 
 
 def test_webhook_deliveries_connect_to_the_checked_address() -> None:
-    assert check_url("http://127.0.0.1:9/hook", allow_private=True) == "127.0.0.1"
+    assert checked_address("http://127.0.0.1:9/hook", allow_private=True) == "127.0.0.1"
     target, host, extensions = pinned_request("https://user:pw@hooks.example.com:8443/in?x=1", "93.184.216.34")
     assert target == "https://user:pw@93.184.216.34:8443/in?x=1"
     assert host == "hooks.example.com:8443" and extensions == {"sni_hostname": "hooks.example.com"}
@@ -92,7 +94,7 @@ def test_webhook_deliveries_connect_to_the_checked_address() -> None:
 def test_webhook_urls_need_http() -> None:
     for url in ("ftp://example.com/x", "file:///etc/passwd", "http:///nohost"):
         with pytest.raises(ValueError):
-            check_url(url, allow_private=True)
+            checked_address(url, allow_private=True)
 
 
 def test_webhook_signature_matches_the_standard_webhooks_example() -> None:
@@ -101,3 +103,33 @@ def test_webhook_signature_matches_the_standard_webhooks_example() -> None:
     body = b'{"test": 2432232314}'
     expected = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
     assert signature(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body) == expected
+
+
+def test_outbound_checks_resolve_names_and_ports() -> None:
+    with pytest.raises(ForbiddenURL):
+        checked_address("http://localhost/x", allow_private=False)  # a name: its addresses are checked
+    with pytest.raises(ForbiddenURL):
+        checked_address("http://example.com:99999/x", allow_private=True)
+    with pytest.raises(UnresolvableURL):
+        checked_address("http://no-such-host.invalid/x", allow_private=True)
+
+
+def test_cancel_after_values() -> None:
+    assert [cancel_after_seconds(value, 7200) for value in ("90", "90s", "1.5m", "2m", "1h", " 45 ")] == [
+        90,
+        90,
+        90,
+        120,
+        3600,
+        45,
+    ]
+    assert cancel_after_seconds(None, 10) is None
+    for garbage in ("", "0", "-1", "1e3", "3h", "1h30m", "nan", "inf", "9" * 400, "90 minutes"):
+        with pytest.raises(ProblemError):
+            cancel_after_seconds(garbage, 7200)
+
+
+def test_malformed_urls_are_forbidden() -> None:
+    for url in ("http://[::1", "http://[not-an-ip]/x", "http://example.com:port/x"):
+        with pytest.raises(ForbiddenURL):
+            checked_address(url, allow_private=True)

@@ -1,4 +1,4 @@
-"""/v1/jobs: submit, read, follow, cancel and download."""
+"""/v1/jobs: submit, read, follow, cancel, download and delete."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.events import last_event_id, sse_stream, wait_until_finished
 from service.api.ranges import byte_range, content_disposition
 from service.api.state import app_state, base_url, current_owner, owned_job
+from service.api.submission import cancel_after_seconds
 from service.api.uploads import read_submit_body
 from service.problems import MEDIA_TYPE as PROBLEM_MEDIA_TYPE
 from service.problems import ProblemError
@@ -101,11 +102,22 @@ async def submit_job(
         str | None,
         Header(description="`wait=N`: answer with the finished job if it ends within N seconds.", examples=["wait=10"]),
     ] = None,
+    cancel_after: Annotated[
+        str | None,
+        Header(
+            alias="Cancel-After",
+            description="Cancel the job if it has not finished this long after the submit: seconds (`90`) or a "
+            "duration (`90s`, `2m`, `1h`), capped by the deployment. A queued job past it never starts.",
+            examples=["90s"],
+        ),
+    ] = None,
 ) -> Response:
-    """JSON for text-to-audio; multipart/form-data with a `video` or `image` file and the same parameters as
-    form fields. Answers 202 with the queued job and its Location."""
+    """JSON for text-to-audio, or with a `video_url` / `image_url` the service fetches; multipart/form-data with
+    a `video` or `image` file and the same parameters as form fields. Answers 202 with the queued job and its
+    Location."""
     state = app_state(request)
     settings = state.settings
+    deadline_seconds = cancel_after_seconds(cancel_after, settings.max_cancel_after_seconds)
     if idempotency_key is None and settings.enabled_variants == [settings.variant]:
         await run_in_threadpool(state.submitter.check_capacity, settings.variant)  # before reading the upload
     with tempfile.TemporaryDirectory(prefix="mmaudio-upload-") as tmp:
@@ -116,7 +128,9 @@ async def submit_job(
             Path(tmp),
             settings.max_upload_bytes,
         )
-        submitted = await run_in_threadpool(state.submitter.submit, owner, body, idempotency_key, base_url(request))
+        submitted = await run_in_threadpool(
+            state.submitter.submit, owner, body, idempotency_key, base_url(request), Path(tmp), deadline_seconds
+        )
     record = submitted.record
     headers = {"Location": job_url(base_url(request), record.id)}
     if submitted.replayed:
@@ -232,6 +246,21 @@ def cancel_job(request: Request, job_id: JobId, owner: Owner) -> Response:
     record = state.jobs.cancel(record) or record
     view = job_view(record, base_url(request), state.jobs.queue_place(record))
     return JSONResponse(view, 200 if record.status.terminal else 202)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete a job",
+    responses={204: {"description": "Deleted."}, 404: PROBLEM_RESPONSE},
+)
+def delete_job(request: Request, job_id: str, owner: Owner) -> Response:
+    """Cancel the job if it has not ended, and remove it with its upload and results now. Afterwards the job
+    is 404 everywhere (read, list, events, result); a job of another API key is 404 as well."""
+    state = app_state(request)
+    state.jobs.delete(owned_job(state, job_id, owner))
+    return Response(status_code=204)
 
 
 @router.api_route(
