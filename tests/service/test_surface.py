@@ -240,9 +240,9 @@ def test_delete_removes_a_finished_job_for_everyone(
 def test_delete_withdraws_a_queued_job(stack: Stack, alice: httpx.Client) -> None:
     redis = Redis.from_url(stack.env["MMAUDIO_REDIS_URL"])
     job = alice.post("/v1/jobs", json=QUICK | {"variant": "small_16k"}).json()  # no worker serves small_16k
-    assert queue.position(redis, "small_16k", job["id"], 1) is not None
+    assert queue.position(redis, "small_16k", job["id"], 1, scan=1000) is not None
     assert alice.delete(f"/v1/jobs/{job['id']}").status_code == 204
-    assert queue.position(redis, "small_16k", job["id"], 1) is None
+    assert queue.position(redis, "small_16k", job["id"], 1, scan=1000) is None
     assert alice.get(f"/v1/jobs/{job['id']}").status_code == 404
 
 

@@ -253,9 +253,9 @@ def cancel_job(request: Request, job_id: JobId, owner: Owner) -> Response:
     status_code=204,
     response_class=Response,
     summary="Delete a job",
-    responses={204: {"description": "Deleted."}, 404: PROBLEM_RESPONSE},
+    responses={204: {"description": "Deleted."}, **{code: PROBLEM_RESPONSE for code in (401, 404, 422)}},
 )
-def delete_job(request: Request, job_id: str, owner: Owner) -> Response:
+def delete_job(request: Request, job_id: JobId, owner: Owner) -> Response:
     """Cancel the job if it has not ended, and remove it with its upload and results now. Afterwards the job
     is 404 everywhere (read, list, events, result); a job of another API key is 404 as well."""
     state = app_state(request)
