@@ -55,9 +55,11 @@ class Maintenance:
         """Running jobs whose worker's heartbeat expired: queue them again (once, if allowed) or fail them.
         Returns the ids handled."""
         handled: list[str] = []
-        if not heartbeats.silence_means_death(self.redis, self.settings.worker_ttl_seconds):
-            return handled  # Redis just (re)started: its workers have not had the time to beat yet
-        for job_id in self.jobs.running_ids():
+        running = self.jobs.running_ids()
+        # INFO only when there is something to judge (every API process runs this each second)
+        if not running or not heartbeats.silence_means_death(self.redis, self.settings.worker_ttl_seconds):
+            return handled  # none running, or Redis just (re)started: its workers have not had the time to beat
+        for job_id in running:
             record = self.jobs.get(job_id)
             if record is None or record.status is not JobStatus.running:
                 self.redis.srem(keys.RUNNING_JOBS, job_id)

@@ -180,9 +180,7 @@ class JobExecutor:
         try:
             with UnixSignalDeathPenalty(hard_stop, JobTimeoutException):
                 for job in batch:
-                    if job.record.overdue:  # its deadline passed as it was taken: it does not start
-                        self._end(job, JobStatus.canceled, error=deadline_problem(job.record))
-                    else:
+                    if not self._ended_if_overdue(job):  # a deadline passed as it was taken: it does not start
                         self._prepare(job, ready.get(queue.rq_job_id(*job.owned)))
                 groups: dict[Any, list[ActiveJob]] = {}
                 for job in batch:
@@ -274,8 +272,8 @@ class JobExecutor:
                     job.ended = True
                 elif outcome is not None and outcome.cancel_requested:
                     self._end(job, JobStatus.canceled)
-                elif job.record.overdue:
-                    self._end(job, JobStatus.canceled, error=deadline_problem(job.record))
+                elif self._ended_if_overdue(job):
+                    continue
                 elif now > job.deadline:
                     self._end(job, JobStatus.failed, error=job.timeout_problem)
                 else:
@@ -284,6 +282,13 @@ class JobExecutor:
                 raise Cancelled("no job is left in the batch")
 
         return report
+
+    def _ended_if_overdue(self, job: ActiveJob) -> bool:
+        """Cancel a job of this worker whose Cancel-After deadline has passed; returns whether it did."""
+        if not job.record.overdue:
+            return False
+        self._end(job, JobStatus.canceled, error=deadline_problem(job.record))
+        return True
 
     def _progress_webhook(self, job: ActiveJob, now: float) -> None:
         webhook = job.record.webhook
@@ -311,8 +316,7 @@ class JobExecutor:
 
     def _complete(self, job: ActiveJob, result: GenerationResult) -> None:
         assert job.input is not None
-        if job.record.overdue:
-            self._end(job, JobStatus.canceled, error=deadline_problem(job.record))
+        if self._ended_if_overdue(job):
             return
         media = job.input.media
         try:
