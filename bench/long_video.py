@@ -1,21 +1,21 @@
 """A long upload end to end (issue 10): a 10-minute video through the real API, or the pipeline on a GPU.
 
-    .venv/bin/python -m bench.long_video [--minutes 10] [--size 1280x720] [--fps 25] [--steps 25]
+    .venv/bin/python -m bench.long_video [--minutes 10] [--size 1280x720] [--fps 25 | --vfr] [--steps 25]
         [--duration SECONDS] [--storage redis|filesystem] [--variant large_44k_v2] [--video PATH]
     .venv/bin/python -m bench.long_video --gpu [--minutes 10] [--size 1920x1080] [--dtype bf16]
 
-Service (default): makes the clip (H.264, a cycle of 64 distinct pattern frames, so that encoding is what
-costs), starts the whole service with `python -m service` (its own redis-server, one worker, tiny weights by
-default), uploads the clip as a multipart submit and follows the job to its end. Prints the seconds from the
-first byte of the upload to the finished job (and the job's own queue / input / model / encode timings),
-the worker's RSS after warm-up and its peak during the job (VmHWM, reset at the submit), how many windows
-the job's progress reported and the seconds per window, the stored result's sizes and where they live, and
-checks the downloaded mp4: its video packets hash equal to the upload's and its AAC declares the generated
-length. `--duration` asks for that many seconds instead of the whole video.
+Service (default): makes the clip (H.264, a cycle of 64 distinct pattern frames, so that encoding is what costs),
+starts the whole service with `python -m service` (its own redis-server, one worker, tiny weights by default),
+uploads the clip as a multipart submit and follows the job to its end. Prints the seconds from the first byte of
+the upload to the finished job (and the job's own queue / input / model / encode timings), the worker's RSS after
+warm-up and its peak during the job (VmHWM, reset at the submit), how many windows the job's result reports
+(`result.windows`) and the seconds per window, the stored result's sizes and where they live, and checks the
+downloaded mp4: its video packets hash equal to the upload's and its AAC declares the generated length.
+`--duration` asks for that many seconds instead of the whole video.
 
-`--mux-only`: just the output side in this process, no model: the whole clip muxed with `--duration` (default:
-the clip's length) seconds of noise as AAC, and the FLAC master, as the worker writes them; seconds, peak RSS
-growth and sizes.
+`--vfr` makes a variable-frame-rate clip instead. `--mux-only`: just the output side in this process, no model: the
+whole clip muxed with `--duration` (default: the clip's length) seconds of noise as AAC, and the FLAC master, as
+the worker writes them; seconds, peak RSS growth and sizes.
 
 `--gpu`: no service and no download (random full-size weights, as bench/stages.py builds them): the clip
 decoded, generated with `--variant` (large_44k_v2) in `--dtype` on CUDA and muxed whole; seconds per part,
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import os
 import platform
 import tempfile
@@ -46,22 +47,30 @@ from model.request import GenerationRequest
 from model.testkit import audio_length, frame_image, frame_size
 
 PATTERN_FRAMES = 64  # distinct frames the clip cycles through
+VFR_FRAME_MS = [40, 40, 33, 100, 20, 66, 40, 250, 40]  # --vfr: frame durations, 20 to 250 ms (69.9 ms average)
 POLL_SECONDS = 0.5
 
 
-def make_long_clip(path: Path, seconds: float, fps: int, size: tuple[int, int]) -> Path:
+def make_long_clip(path: Path, seconds: float, fps: int, size: tuple[int, int], vfr: bool = False) -> Path:
     """An H.264 mp4 of ``seconds`` at ``fps`` cycling through PATTERN_FRAMES pattern frames (libx264 "veryfast",
-    B-frames on)."""
+    B-frames on). ``vfr``: frames last VFR_FRAME_MS in turn instead (a 1/1000 time base, as phones write)."""
     width, height = size
     pattern = [frame_image(index, width, height, texture=True) for index in range(PATTERN_FRAMES)]
+    time_base = Fraction(1, 1000) if vfr else Fraction(1, fps)
+    frame_ticks = itertools.cycle(VFR_FRAME_MS if vfr else [1])
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = time_base  # the encoder keeps every pts
         stream.options = {"preset": "veryfast", "crf": "23"}
-        for index in range(round(seconds * fps)):
+        pts, end = 0, round(seconds / time_base)
+        for index in itertools.count():
+            if pts >= end:
+                break
             frame = av.VideoFrame.from_ndarray(pattern[index % PATTERN_FRAMES], format="rgb24")
-            frame.pts, frame.time_base = index, Fraction(1, fps)
+            frame.pts, frame.time_base = pts, time_base
             container.mux(stream.encode(frame))
+            pts += next(frame_ticks)
         container.mux(stream.encode())
     return path
 
@@ -132,9 +141,10 @@ def clip_for(args: argparse.Namespace, folder: Path) -> Path:
     if args.video is not None:
         return args.video
     started = time.perf_counter()
-    clip = make_long_clip(folder / "long.mp4", args.minutes * 60, args.fps, args.size)
+    clip = make_long_clip(folder / "long.mp4", args.minutes * 60, args.fps, args.size, args.vfr)
+    rate = f"variable frame rate ({min(VFR_FRAME_MS)}-{max(VFR_FRAME_MS)} ms frames)" if args.vfr else f"{args.fps} fps"
     print(
-        f"clip: {args.minutes:g} min {args.size[0]}x{args.size[1]} {args.fps} fps H.264, {mb(clip.stat().st_size)}, "
+        f"clip: {args.minutes:g} min {args.size[0]}x{args.size[1]} {rate} H.264, {mb(clip.stat().st_size)}, "
         f"made in {time.perf_counter() - started:.1f} s"
     )
     return clip
@@ -143,14 +153,12 @@ def clip_for(args: argparse.Namespace, folder: Path) -> Path:
 # --- through the service -----------------------------------------------------------------------------------------
 
 
-def follow(client: httpx.Client, job: dict) -> tuple[dict, int]:
-    """Poll the job to its end; returns it and the most windows its progress reported."""
-    windows = 0
+def follow(client: httpx.Client, job: dict) -> dict:
+    """Poll the job to its end."""
     while job["status"] not in ("succeeded", "failed", "canceled"):
         time.sleep(POLL_SECONDS)
         job = client.get(f"/v1/jobs/{job['id']}").json()
-        windows = max(windows, (job["progress"] or {}).get("windows") or 0)
-    return job, windows
+    return job
 
 
 def run_service(args: argparse.Namespace, folder: Path) -> None:
@@ -184,7 +192,7 @@ def run_service(args: argparse.Namespace, folder: Path) -> None:
         if response.status_code != 202:
             raise SystemExit(f"submit answered {response.status_code}: {response.text}")
         uploaded = time.perf_counter() - started
-        job, windows = follow(client, response.json())
+        job = follow(client, response.json())
         total = time.perf_counter() - started
         rss_after = peak_rss_mb(worker)
         if job["status"] != "succeeded":
@@ -210,9 +218,9 @@ def run_service(args: argparse.Namespace, folder: Path) -> None:
     )
     stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in model.items() if name != "total")
     print(f"model stages (s): {stages}")
-    windows = windows or 1
+    windows = (result["windows"] or {"count": 1})["count"]
     print(
-        f"windows: {windows} (from the job's progress); {model['total'] / windows:.2f} s per window of model time, "
+        f"windows: {windows} (the job's result.windows); {model['total'] / windows:.2f} s per window of model time, "
         f"{model.get('sampling', 0.0) / windows:.2f} s of sampling"
     )
     print(f"worker RSS: {rss_before:.0f} MiB after load and warm-up, peak {rss_after:.0f} MiB during the job")
@@ -307,6 +315,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--duration", type=float, default=None, help="seconds to ask for (default: the whole video)")
     parser.add_argument("--video", type=Path, default=None, help="use this clip instead of making one")
+    parser.add_argument("--vfr", action="store_true", help="make a variable-frame-rate clip (frames of 20-250 ms)")
     parser.add_argument("--variant", default="large_44k_v2")
     parser.add_argument("--weights", default="tiny", choices=["tiny", "official"])
     parser.add_argument("--storage", default="redis", choices=["redis", "filesystem"])

@@ -103,7 +103,8 @@ def load_pipeline(
     """Official weights from ``weights_dir`` (model.weights lays them out), or the ``tiny`` random preset.
 
     ``options``: further Pipeline arguments: how requests longer than 8 s are windowed (window_overlap,
-    window_schedule: model.windows) and the speed options (compile_modules, compile_mode, cudnn_benchmark).
+    window_schedule, window_batch: model.windows), the encoders' chunk (encoder_chunk) and the speed options
+    (compile_modules, compile_mode, cudnn_benchmark).
     """
     device = device or default_device()
     dtype = dtype or default_dtype(device)

@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         write_audio(args.out / f"{name}.flac", audio[None], result.sample_rate, "flac")
         print(args.out / f"{name}.flac")
         if args.video is not None:
-            mux_video(args.video, audio[None], result.sample_rate, args.out / f"{name}.mp4", result.duration)
-            print(args.out / f"{name}.mp4")
+            mp4 = args.out / f"{name}.mp4"
+            mux_video(args.video, audio[None], result.sample_rate, mp4, result.duration, request.duration is None)
+            print(mp4)
     if result.metadata["weights"]["random_weights"]:
         print(f"NOTE: {result.metadata['weights'].get('note', 'random weights')}", file=sys.stderr)
     print(json.dumps(result.metadata, indent=1), file=sys.stderr)

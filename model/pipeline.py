@@ -547,7 +547,9 @@ class Pipeline:
         clip_parts: list[Tensor] = []
         sync_of: dict[int, Tensor] = {}
         frames_of: dict[int, list[Tensor]] = {}
+        decoding = time.perf_counter()
         for clip_u8, _, complete in stream:
+            timings["video"] = timings.get("video", 0.0) + time.perf_counter() - decoding  # the stream's decoding
             if clip_u8 and not mask_away_clip:
                 with _stage(timings, "clip", self.device):
                     clip_parts.append(self._clip_features(torch.stack(clip_u8)))
@@ -557,6 +559,7 @@ class Pipeline:
                         sync_of[index] = self._sync_features(frames[: full.sync_frames])
                 # the plan's last window is one of the last two opened (a window opens on its first frame)
                 frames_of = {i: f for i, f in frames_of.items() if i == index - 1} | {index: frames}
+            decoding = time.perf_counter()
         duration = stream.duration_sec
         for w in self.plan(duration):
             if w.index not in sync_of or w.lengths.sync != full.sync:  # the last window, shorter than a full one

@@ -217,7 +217,8 @@ def _video_inputs(
 
 class _WindowPickers:
     """Sync frame pickers of windows starting every ``stride`` seconds, each reading ``length`` seconds timed
-    from its own start: the frames a request on the video cut at that start would pick."""
+    from its own start: the frames a request on the video cut at that start would pick, for every tick of the
+    window (such a request could end early, at a long frame across its end; a window never does)."""
 
     def __init__(self, stride: int, length: float, fps: float) -> None:
         self.stride, self.length, self.fps = stride, length, fps
@@ -232,7 +233,12 @@ class _WindowPickers:
         picked, complete = [], []
         for index, (sampler, frames) in list(self.open.items()):
             offset = time - index * self.stride
-            if offset > self.length:  # a cut request stops decoding at the first frame past its duration
+            if offset > self.length:
+                # the first frame past the window's end also stands for the ticks still due before that end (the
+                # whole-video picker gives a tick to the first frame at or after it): after a long frame, such as
+                # a variable-rate video's pause, the window is still full
+                if n := sampler.count(self.length):
+                    picked.append((frames, n))
                 complete.append((index, frames))
                 del self.open[index]
             elif n := sampler.count(offset):

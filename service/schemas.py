@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from model.request import REQUEST_PARAMETERS
 from model.sequence import AUDIO_16K, AUDIO_44K, MIN_DURATION  # the shortest clip the model can condition on
+from model.windows import WindowSchedule
 from service.settings import Settings, Variant
 
 MAX_SEED = 2**63 - 1
@@ -303,6 +304,16 @@ class ResultFile(BaseModel):
     href: str = Field(description="Where to download it.", examples=[f"{JOB_EXAMPLE_URL}/result?format=flac&sample=0"])
 
 
+class WindowsInfo(BaseModel):
+    count: int = Field(description="How many overlapping windows were generated.", examples=[100])
+    overlap_seconds: float = Field(
+        description="Seconds each window shares with the next (MMAUDIO_WINDOW_OVERLAP_SECONDS).", examples=[2.0]
+    )
+    schedule: WindowSchedule = Field(
+        description="The order they were sampled in (MMAUDIO_WINDOW_SCHEDULE).", examples=["batched"]
+    )
+
+
 class ResultInfo(BaseModel):
     duration: float = Field(
         description="Seconds of generated audio (a short video shortens the request).", examples=[8.0]
@@ -313,6 +324,11 @@ class ResultInfo(BaseModel):
         description="Formats each sample can be downloaded in.", examples=[["mp4", "flac", "wav", "m4a"]]
     )
     files: list[ResultFile] = Field(description="Every sample in every format.")
+    windows: WindowsInfo | None = Field(
+        None,
+        description="How audio longer than one window (8 s) was generated: overlapping windows joined with "
+        "crossfades. Null for a single pass.",
+    )
     expires_at: datetime = Field(
         description="When the job and its files are deleted.", examples=["2025-01-01T13:00:00Z"]
     )
@@ -341,6 +357,7 @@ class StoredResult(BaseModel):
     formats: list[ResultFormat] = Field(description="Written by the worker; other audio formats are converted.")
     sizes: dict[str, int] = Field(description="Bytes by '<sample>.<format>'.")
     ttl_seconds: int
+    windows: WindowsInfo | None = None
 
 
 class WebhookState(WebhookInfo):

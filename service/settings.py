@@ -220,6 +220,18 @@ class Settings(BaseSettings):
         description="`batched`: every other window in one batched pass, then the ones between them pinned at both "
         "ends; `sequential`: left to right, each window pinned to the one before.",
     )
+    window_batch: int = Field(
+        16,
+        ge=1,
+        description="Windows of a long request sampled and decoded in one call: bounds the worker's memory (each "
+        "window in a decoding call holds its vocoder's activations: about 45 MB with the tiny weights on a CPU).",
+    )
+    encoder_chunk: int = Field(
+        64,
+        ge=1,
+        description="Video frames (CLIP) or segments (Synchformer) per encoder call, and frames decoded ahead of "
+        "it: bounds the encoders' activation memory.",
+    )
 
     # --- storage ------------------------------------------------------------------------------------------------
     storage: Literal["redis", "filesystem", "s3"] = Field(

@@ -45,6 +45,7 @@ def job_view(record: JobRecord, base_url: str, place: QueuePlace | None) -> dict
             "duration": record.result.duration,
             "sample_rate": record.result.sample_rate,
             "num_samples": record.result.num_samples,
+            "windows": record.result.windows,
             "formats": formats,
             "files": files,
             "expires_at": timestamp(record.finished_at + record.result.ttl_seconds),

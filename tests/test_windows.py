@@ -17,7 +17,8 @@ from model.build import tiny_pipeline
 from model.pipeline import Cancelled, Pipeline, StepDetail
 from model.request import GenerationRequest
 from model.sequence import AUDIO_16K, AUDIO_44K, CLIP_FPS, SequenceLengths
-from model.testkit import make_video
+from model.testkit import make_vfr_video, make_video
+from model.video import VideoStream, load_video
 from model.windows import equal_power_ramps, join_waveforms, overlap_latents, plan_windows, window_noise
 
 VARIANT = "small_16k"
@@ -216,3 +217,36 @@ def test_windows_opened_past_the_plan_are_dropped(pipe: Pipeline, tmp_path: Path
     assert [w.start for w in inputs.windows] == [0, 2, 4] and inputs.windows[-1].duration < 3
     for w in inputs.windows:
         assert inputs.sync[w.index].shape[0] == w.lengths.sync and inputs.clip[w.index].shape[0] == w.lengths.clip
+
+
+@pytest.fixture(scope="module")
+def paused(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8.95 s of variable-rate video whose 300 ms frames span the ends of windows 0, 1 and 2 (3, 5 and 7 s).
+
+    Every frame time is an odd multiple of 10 ms, so none meets a 25 fps tick of any window: a window's picks
+    are then the whole video's picks over its span, whichever running sum timed them."""
+    frame_ms = [10] + [40] * 70 + ([300] + [40] * 43) * 2 + [300] + [40] * 45
+    return make_vfr_video(tmp_path_factory.mktemp("paused") / "paused.mp4", frame_ms, size=(96, 64))
+
+
+def test_a_pause_across_a_windows_end_still_fills_the_window(paused: Path) -> None:
+    """The first frame after the window's end stands for the ticks the window still had due before it."""
+    whole = load_video(paused, 20.0).sync_u8
+    stream = VideoStream(paused, 20.0, sync_windows=(2, 3.0))
+    windows = dict(w for _, _, complete in stream for w in complete)
+    assert sorted(windows) == [0, 1, 2, 3, 4]  # one opened at 8 s, past the plan
+    for index in (0, 1, 2):  # each completed by its pause's far frame
+        frames = windows[index]
+        assert len(frames) >= SequenceLengths.for_duration(3.0, AUDIO_16K).sync_frames
+        start = 2 * 25 * index
+        assert torch.equal(torch.stack(frames), whole[start : start + len(frames)])
+
+
+def test_a_variable_rate_video_generates_its_whole_length(pipe: Pipeline, paused: Path) -> None:
+    inputs = pipe.window_inputs(pipe.prepare(request(video=paused, duration=None)))
+    assert [w.start for w in inputs.windows] == [0, 2, 4, 6]
+    for w in inputs.windows:
+        assert inputs.sync[w.index].shape[0] == w.lengths.sync and inputs.clip[w.index].shape[0] == w.lengths.clip
+    result = pipe.generate(request(video=paused, duration=None, num_steps=1))
+    # the last frame at 8.91 s: 223 sync ticks, 8.92 s
+    assert result.duration == pytest.approx(8.92) and result.audio.shape == (1, int(result.duration * 16000))

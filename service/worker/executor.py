@@ -40,7 +40,7 @@ from service.media_problems import media_problem
 from service.metrics import record_stages
 from service.problems import problem_body
 from service.results import Results
-from service.schemas import JobStatus, ModelInfo, WebhookEvent, WeightsInfo
+from service.schemas import JobStatus, ModelInfo, WebhookEvent, WeightsInfo, WindowsInfo
 from service.storage import BlobStore
 from service.upkeep.webhooks import announce
 from service.worker.outages import REDIS_DOWN, BestEffort, persist
@@ -349,6 +349,11 @@ class JobExecutor:
             log.exception("job %s: storing its results failed", job.record.id)
             self._end(job, JobStatus.failed, error=problem_of(err))
             return
+        if "windows" in result.metadata:
+            windows = result.metadata["windows"]
+            result_info.windows = WindowsInfo(
+                count=windows["count"], overlap_seconds=windows["overlap"], schedule=windows["schedule"]
+            )
         job.timings["model"] = result.metadata["timings"]
         job.timings["batch_size"] = result.metadata["batch_size"]
         job.timings["total"] = time.time() - job.record.created_at

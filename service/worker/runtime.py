@@ -125,6 +125,8 @@ def load_pipeline(settings: Settings) -> Pipeline:
         cudnn_benchmark=settings.cudnn_benchmark,
         window_overlap=settings.window_overlap_seconds,
         window_schedule=settings.window_schedule,
+        window_batch=settings.window_batch,
+        encoder_chunk=settings.encoder_chunk,
     )
 
 

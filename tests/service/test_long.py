@@ -97,10 +97,13 @@ def test_a_minute_of_video_comes_back_whole_with_its_soundtrack(
     assert done["status"] == "succeeded", done["error"]
     sampling = [data["progress"] for _, _, data in events if (data["progress"] or {}).get("stage") == "sampling"]
     assert sampling, [data["progress"] for _, _, data in events]
-    for progress in sampling:  # "window 1/1, step 1/2"
+    for progress in sampling:  # "window 3/10, step 1/2"
         assert 1 <= progress["window"] <= progress["windows"] and 0 <= progress["step"] <= progress["steps"] == 2
 
     assert done["result"]["duration"] == pytest.approx(60.0, abs=0.05)
+    # 8 s windows every 6 s: 0, 6, ..., 54 (the last one 6 s long)
+    assert done["result"]["windows"] == {"count": 10, "overlap_seconds": 2.0, "schedule": "batched"}
+    assert {progress["windows"] for progress in sampling} == {10}
     mp4 = download(client, done, "mp4", tmp_path)
     assert video_packets(mp4) == video_packets(clips.minute)  # every packet: same bytes, pts and dts
     check_audio_length(client, done, tmp_path)
@@ -118,7 +121,7 @@ def test_a_short_video_gives_its_length_whatever_longer_duration_is_asked(
 
     done = wait_for_status(client, job["id"], {"succeeded", "failed"}, JOB_TIMEOUT)
     assert done["status"] == "succeeded", done["error"]
-    assert done["result"]["duration"] == pytest.approx(3.0, abs=0.05)
+    assert done["result"]["duration"] == pytest.approx(3.0, abs=0.05) and done["result"]["windows"] is None
     assert video_packets(download(client, done, "mp4", tmp_path)) == video_packets(clips.short)
     check_audio_length(client, done, tmp_path)
 

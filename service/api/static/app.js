@@ -163,6 +163,8 @@ function renderDetails(job) {
     ["cfg", String(job.params.cfg_strength)],
   ];
   if (job.result) rows.push(["audio", `${seconds(job.result.duration)} at ${job.result.sample_rate} Hz`]);
+  const windows = job.result && job.result.windows;
+  if (windows) rows.push(["windows", `${windows.count}, ${seconds(windows.overlap_seconds)} overlap, ${windows.schedule}`]);
   rows.push(...timingRows(job.timings).map(([name, value]) => [`time ${name}`, value]));
   $("details").replaceChildren(...rows.flatMap(([name, value]) => [element("dt", { textContent: name }),
     element("dd", { textContent: value, className: `detail-${name.replaceAll(" ", "-")}` })]));
