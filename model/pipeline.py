@@ -245,8 +245,7 @@ class Pipeline:
             frames = load_image(request.image, request.duration)
         lengths = SequenceLengths.for_duration(duration, self.audio)
         if lengths.clip < 1 or lengths.sync < 1:
-            needed = f"at least {MIN_DURATION:.2f} s of video is needed"
-            raise ValueError(f"duration {duration:.3f} s is too short: {needed}")
+            raise ValueError(f"duration {duration:.3f} s is too short: the model needs at least {MIN_DURATION:.2f} s")
         windowed = stream is not None or duration > self.window_duration
         decode_seconds = time.perf_counter() - start
         return PreparedRequest(
