@@ -64,13 +64,13 @@ def make_long_clip(path: Path, seconds: float, fps: int, size: tuple[int, int], 
         stream.time_base = stream.codec_context.time_base = time_base  # the encoder keeps every pts
         stream.options = {"preset": "veryfast", "crf": "23"}
         pts, end = 0, round(seconds / time_base)
-        for index in itertools.count():
+        for index, ticks in enumerate(frame_ticks):
             if pts >= end:
                 break
             frame = av.VideoFrame.from_ndarray(pattern[index % PATTERN_FRAMES], format="rgb24")
             frame.pts, frame.time_base = pts, time_base
             container.mux(stream.encode(frame))
-            pts += next(frame_ticks)
+            pts += ticks
         container.mux(stream.encode())
     return path
 
